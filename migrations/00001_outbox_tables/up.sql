@@ -79,6 +79,11 @@ COMMENT ON COLUMN outbox_messages.parked_at IS 'When the relay gave up after the
 CREATE INDEX IF NOT EXISTS outbox_messages_pending
     ON outbox_messages ("partition", seq)
     WHERE published_at IS NULL AND parked_at IS NULL;
+-- Rows waiting for a retry: they hold back later rows of their key. Only
+-- failed rows are in it, so it stays tiny.
+CREATE INDEX IF NOT EXISTS outbox_messages_retrying
+    ON outbox_messages ("partition", next_attempt_at)
+    WHERE published_at IS NULL AND parked_at IS NULL AND attempts > 0;
 -- Retention clean-up of published rows, and the parked list.
 CREATE INDEX IF NOT EXISTS outbox_messages_published
     ON outbox_messages (published_at) WHERE published_at IS NOT NULL;

@@ -6,6 +6,8 @@
 //! `postgres://postgres@127.0.0.1:5432/test` (what `scripts/services.sh`
 //! brings up).
 
+pub mod amqp;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,2 @@
+//! The `outbox-relay` sidecar (being built).
+fn main() {}

@@ -1,0 +1,470 @@
+//! Every SQL statement the relay runs against the outbox tables.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::QueryableByName;
+use diesel::sql_types::{
+    Array, BigInt, Bool, Bytea, Double, Integer, Jsonb, Nullable, SmallInt, Text, Timestamptz,
+};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use crate::{Error, Result};
+
+/// One pending outbox row, as the relay publishes it.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct PendingRow {
+    /// Scan order.
+    #[diesel(sql_type = BigInt)]
+    pub seq: i64,
+    /// Message id.
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    pub id: Uuid,
+    /// Ordering key, if any.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub ordering_key: Option<String>,
+    /// Per-key sequence number, if keyed.
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub key_seq: Option<i64>,
+    /// Destination exchange.
+    #[diesel(sql_type = Text)]
+    pub exchange: String,
+    /// Routing key.
+    #[diesel(sql_type = Text)]
+    pub routing_key: String,
+    /// Event type.
+    #[diesel(sql_type = Text)]
+    pub event_type: String,
+    /// Payload schema version.
+    #[diesel(sql_type = Integer)]
+    pub event_version: i32,
+    /// JSON body.
+    #[diesel(sql_type = Bytea)]
+    pub payload: Vec<u8>,
+    /// User headers and trace context.
+    #[diesel(sql_type = Jsonb)]
+    pub headers: serde_json::Value,
+    /// Commit time of the enqueueing transaction (approximately).
+    #[diesel(sql_type = Timestamptz)]
+    pub created_at: DateTime<Utc>,
+    /// Failed attempts so far.
+    #[diesel(sql_type = Integer)]
+    pub attempts: i32,
+}
+
+/// A row whose publish failed, with what to do about it.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    pub(crate) id: Uuid,
+    pub(crate) error: String,
+    pub(crate) retry_after: Duration,
+    pub(crate) park: bool,
+}
+
+/// The install-time settings the relay needs.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct Settings {
+    /// Partition count.
+    #[diesel(sql_type = SmallInt)]
+    pub partitions: i16,
+    /// NOTIFY channel.
+    #[diesel(sql_type = Text)]
+    pub notify_channel: String,
+}
+
+/// Backlog of one partition.
+#[derive(Debug, Clone, QueryableByName, serde::Serialize)]
+pub struct PartitionBacklog {
+    /// Partition number.
+    #[diesel(sql_type = SmallInt)]
+    pub partition: i16,
+    /// Pending (not published, not parked) rows.
+    #[diesel(sql_type = BigInt)]
+    pub pending: i64,
+    /// Pending rows waiting for a retry.
+    #[diesel(sql_type = BigInt)]
+    pub retrying: i64,
+    /// Age of the oldest pending row in seconds.
+    #[diesel(sql_type = Double)]
+    pub oldest_age_seconds: f64,
+}
+
+/// Totals over the whole outbox.
+#[derive(Debug, Clone, Default, QueryableByName, serde::Serialize)]
+pub struct Totals {
+    /// Pending rows.
+    #[diesel(sql_type = BigInt)]
+    pub pending: i64,
+    /// Pending rows waiting for a retry.
+    #[diesel(sql_type = BigInt)]
+    pub retrying: i64,
+    /// Parked rows.
+    #[diesel(sql_type = BigInt)]
+    pub parked: i64,
+    /// Age of the oldest pending row in seconds (0 when none).
+    #[diesel(sql_type = Double)]
+    pub oldest_age_seconds: f64,
+}
+
+/// A parked row, for `parked list`.
+#[derive(Debug, Clone, QueryableByName, serde::Serialize)]
+pub struct ParkedRow {
+    /// Message id.
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    pub id: Uuid,
+    /// Ordering key.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub ordering_key: Option<String>,
+    /// Per-key sequence number.
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub key_seq: Option<i64>,
+    /// Exchange.
+    #[diesel(sql_type = Text)]
+    pub exchange: String,
+    /// Routing key.
+    #[diesel(sql_type = Text)]
+    pub routing_key: String,
+    /// Event type.
+    #[diesel(sql_type = Text)]
+    pub event_type: String,
+    /// Failed attempts.
+    #[diesel(sql_type = Integer)]
+    pub attempts: i32,
+    /// Why the last attempt failed.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub last_error: Option<String>,
+    /// When the row was enqueued.
+    #[diesel(sql_type = Timestamptz)]
+    pub created_at: DateTime<Utc>,
+    /// When it was parked.
+    #[diesel(sql_type = Timestamptz)]
+    pub parked_at: DateTime<Utc>,
+}
+
+/// Which parked rows an admin command acts on.
+#[derive(Debug, Clone)]
+pub enum Selection {
+    /// These message ids.
+    Ids(Vec<Uuid>),
+    /// Every parked row of this ordering key.
+    Key(String),
+    /// Every parked row.
+    All,
+}
+
+#[derive(QueryableByName)]
+struct Flag {
+    #[diesel(sql_type = Bool)]
+    flag: bool,
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// SQL for one outbox schema.
+#[derive(Debug, Clone)]
+pub struct Store {
+    schema: String,
+    // Advisory lock namespace: the partition locks of this schema.
+    lock_namespace: String,
+}
+
+impl Store {
+    /// Queries for the outbox in `schema` (already validated).
+    pub fn new(schema: &str) -> Self {
+        Store {
+            schema: schema.to_owned(),
+            lock_namespace: format!("outbox_relay.{schema}"),
+        }
+    }
+
+    fn table(&self) -> String {
+        format!(r#""{}".outbox_messages"#, self.schema)
+    }
+
+    /// The settings row, or [`Error::NotMigrated`] when the tables are missing.
+    pub async fn settings(&self, conn: &mut AsyncPgConnection) -> Result<Settings> {
+        let installed: Flag = diesel::sql_query(
+            "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = 'outbox_settings') AS flag",
+        )
+        .bind::<Text, _>(&self.schema)
+        .get_result(conn)
+        .await
+        .map_err(Error::db("looking up the outbox tables"))?;
+        if !installed.flag {
+            return Err(Error::NotMigrated {
+                schema: self.schema.clone(),
+            });
+        }
+        diesel::sql_query(format!(
+            r#"SELECT partitions, notify_channel FROM "{}".outbox_settings"#,
+            self.schema
+        ))
+        .get_result(conn)
+        .await
+        .map_err(Error::db("reading outbox_settings"))
+    }
+
+    /// Takes the partition's lock for the rest of the transaction, if no
+    /// other relay holds it. One owner per partition keeps per-key order.
+    pub(crate) async fn try_lock_partition(
+        &self,
+        conn: &mut AsyncPgConnection,
+        partition: i16,
+    ) -> Result<bool> {
+        let locked: Flag =
+            diesel::sql_query("SELECT pg_try_advisory_xact_lock(hashtext($1), $2) AS flag")
+                .bind::<Text, _>(&self.lock_namespace)
+                .bind::<Integer, _>(i32::from(partition))
+                .get_result(conn)
+                .await
+                .map_err(Error::db("locking a partition"))?;
+        Ok(locked.flag)
+    }
+
+    /// Up to `limit` due rows of the partition in seq order, leaving out
+    /// every row of a key whose earlier row waits for a retry: a key is
+    /// never published past its own failure.
+    pub(crate) async fn due_rows(
+        &self,
+        conn: &mut AsyncPgConnection,
+        partition: i16,
+        limit: u32,
+    ) -> Result<Vec<PendingRow>> {
+        let table = self.table();
+        diesel::sql_query(format!(
+            r#"WITH blocked AS (
+                   SELECT DISTINCT ordering_key FROM {table}
+                   WHERE "partition" = $1 AND published_at IS NULL AND parked_at IS NULL
+                     AND attempts > 0 AND next_attempt_at > now() AND ordering_key IS NOT NULL
+               )
+               SELECT seq, id, ordering_key, key_seq, exchange, routing_key, event_type, event_version,
+                      payload, headers, created_at, attempts
+               FROM {table}
+               WHERE "partition" = $1 AND published_at IS NULL AND parked_at IS NULL
+                 AND next_attempt_at <= now()
+                 AND (ordering_key IS NULL OR ordering_key NOT IN (SELECT ordering_key FROM blocked))
+               ORDER BY seq
+               LIMIT $2"#
+        ))
+        .bind::<SmallInt, _>(partition)
+        .bind::<BigInt, _>(i64::from(limit))
+        .load(conn)
+        .await
+        .map_err(Error::db("reading due rows"))
+    }
+
+    /// Records confirmed rows: deleted, or stamped when kept for retention.
+    pub(crate) async fn mark_published(
+        &self,
+        conn: &mut AsyncPgConnection,
+        ids: &[Uuid],
+        keep: bool,
+    ) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let table = self.table();
+        let sql = if keep {
+            format!("UPDATE {table} SET published_at = now() WHERE id = ANY($1)")
+        } else {
+            format!("DELETE FROM {table} WHERE id = ANY($1)")
+        };
+        diesel::sql_query(sql)
+            .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+            .execute(conn)
+            .await
+            .map_err(Error::db("marking rows published"))?;
+        Ok(())
+    }
+
+    /// Records failed rows: one more attempt, the error, the next attempt
+    /// time, and `parked_at` for those out of attempts.
+    pub(crate) async fn mark_failed(
+        &self,
+        conn: &mut AsyncPgConnection,
+        failures: &[Failure],
+    ) -> Result<()> {
+        if failures.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = failures.iter().map(|f| f.id).collect();
+        let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
+        let delays: Vec<i64> = failures
+            .iter()
+            .map(|f| i64::try_from(f.retry_after.as_millis()).unwrap_or(i64::MAX))
+            .collect();
+        let parks: Vec<bool> = failures.iter().map(|f| f.park).collect();
+        diesel::sql_query(format!(
+            "UPDATE {} AS m
+             SET attempts = m.attempts + 1,
+                 last_error = left(f.error, 2000),
+                 next_attempt_at = now() + f.delay_ms * interval '1 millisecond',
+                 parked_at = CASE WHEN f.park THEN now() END
+             FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bool[]) AS f(id, error, delay_ms, park)
+             WHERE m.id = f.id",
+            self.table()
+        ))
+        .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+        .bind::<Array<Text>, _>(errors)
+        .bind::<Array<BigInt>, _>(delays)
+        .bind::<Array<Bool>, _>(parks)
+        .execute(conn)
+        .await
+        .map_err(Error::db("recording failed rows"))?;
+        Ok(())
+    }
+
+    /// Backlog per partition (only partitions with pending rows).
+    pub async fn backlog(&self, conn: &mut AsyncPgConnection) -> Result<Vec<PartitionBacklog>> {
+        diesel::sql_query(format!(
+            r#"SELECT "partition", count(*) AS pending, count(*) FILTER (WHERE attempts > 0) AS retrying,
+                      coalesce(extract(epoch FROM now() - min(created_at))::float8, 0) AS oldest_age_seconds
+               FROM {} WHERE published_at IS NULL AND parked_at IS NULL
+               GROUP BY "partition" ORDER BY "partition""#,
+            self.table()
+        ))
+        .load(conn)
+        .await
+        .map_err(Error::db("reading the backlog"))
+    }
+
+    /// Totals for the whole outbox.
+    pub async fn totals(&self, conn: &mut AsyncPgConnection) -> Result<Totals> {
+        diesel::sql_query(format!(
+            r#"SELECT count(*) FILTER (WHERE published_at IS NULL AND parked_at IS NULL) AS pending,
+                      count(*) FILTER (WHERE published_at IS NULL AND parked_at IS NULL AND attempts > 0) AS retrying,
+                      count(*) FILTER (WHERE parked_at IS NOT NULL) AS parked,
+                      coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE published_at IS NULL AND parked_at IS NULL))::float8, 0)
+                          AS oldest_age_seconds
+               FROM {} WHERE published_at IS NULL"#,
+            self.table()
+        ))
+        .get_result(conn)
+        .await
+        .map_err(Error::db("reading the totals"))
+    }
+
+    /// Parked rows, oldest first.
+    pub async fn parked(&self, conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<ParkedRow>> {
+        diesel::sql_query(format!(
+            "SELECT id, ordering_key, key_seq, exchange, routing_key, event_type, attempts, last_error,
+                    created_at, parked_at
+             FROM {} WHERE parked_at IS NOT NULL ORDER BY seq LIMIT $1",
+            self.table()
+        ))
+        .bind::<BigInt, _>(limit)
+        .load(conn)
+        .await
+        .map_err(Error::db("listing parked rows"))
+    }
+
+    fn selection_sql(selection: &Selection) -> &'static str {
+        match selection {
+            Selection::Ids(_) => "parked_at IS NOT NULL AND id = ANY($1::uuid[])",
+            Selection::Key(_) => "parked_at IS NOT NULL AND ordering_key = $1",
+            Selection::All => "parked_at IS NOT NULL AND $1::text IS NULL",
+        }
+    }
+
+    async fn run_selection(
+        &self,
+        conn: &mut AsyncPgConnection,
+        sql: String,
+        selection: &Selection,
+    ) -> Result<i64> {
+        let query = diesel::sql_query(sql).into_boxed();
+        let query = match selection {
+            Selection::Ids(ids) => query.bind::<Array<diesel::sql_types::Uuid>, _>(ids.clone()),
+            Selection::Key(key) => query.bind::<Text, _>(key.clone()),
+            Selection::All => query.bind::<Nullable<Text>, _>(None::<String>),
+        };
+        let n: Count = query
+            .get_result(conn)
+            .await
+            .map_err(Error::db("changing parked rows"))?;
+        Ok(n.n)
+    }
+
+    /// Makes parked rows pending again with fresh attempts; returns how many.
+    pub async fn retry_parked(
+        &self,
+        conn: &mut AsyncPgConnection,
+        selection: &Selection,
+    ) -> Result<i64> {
+        let sql = format!(
+            "WITH changed AS (
+                 UPDATE {} SET parked_at = NULL, attempts = 0, next_attempt_at = now()
+                 WHERE {} RETURNING 1)
+             SELECT count(*) AS n FROM changed",
+            self.table(),
+            Self::selection_sql(selection)
+        );
+        self.run_selection(conn, sql, selection).await
+    }
+
+    /// Deletes parked rows for good; returns how many.
+    pub async fn purge_parked(
+        &self,
+        conn: &mut AsyncPgConnection,
+        selection: &Selection,
+    ) -> Result<i64> {
+        let sql = format!(
+            "WITH gone AS (DELETE FROM {} WHERE {} RETURNING 1) SELECT count(*) AS n FROM gone",
+            self.table(),
+            Self::selection_sql(selection)
+        );
+        self.run_selection(conn, sql, selection).await
+    }
+
+    /// Deletes up to `limit` published rows older than `retention`; returns
+    /// how many. Called in a loop, so no statement holds locks for long.
+    pub(crate) async fn delete_expired(
+        &self,
+        conn: &mut AsyncPgConnection,
+        retention: Duration,
+        limit: i64,
+    ) -> Result<i64> {
+        let table = self.table();
+        let n: Count = diesel::sql_query(format!(
+            "WITH gone AS (
+                 DELETE FROM {table} WHERE seq IN (
+                     SELECT seq FROM {table}
+                     WHERE published_at < now() - $1 * interval '1 millisecond'
+                     ORDER BY published_at LIMIT $2
+                     FOR UPDATE SKIP LOCKED)
+                 RETURNING 1)
+             SELECT count(*) AS n FROM gone"
+        ))
+        .bind::<BigInt, _>(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX))
+        .bind::<BigInt, _>(limit)
+        .get_result(conn)
+        .await
+        .map_err(Error::db("deleting expired rows"))?;
+        Ok(n.n)
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(conn: &mut AsyncPgConnection) -> Result<()> {
+        diesel::sql_query("SELECT 1")
+            .execute(conn)
+            .await
+            .map_err(Error::db("pinging the database"))?;
+        Ok(())
+    }
+}
+
+/// Connects to the database; the error shows the URL without its password.
+pub async fn connect(url: &str) -> Result<AsyncPgConnection> {
+    AsyncPgConnection::establish(url)
+        .await
+        .map_err(|e| Error::Connect {
+            what: "database",
+            url: crate::redact_url(url),
+            cause: e.to_string(),
+        })
+}

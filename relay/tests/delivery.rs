@@ -1,0 +1,115 @@
+//! Committed events reach the broker, as written, in per-key order.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{assert_per_key_order, config, enqueue_rounds, outbox_schema, start};
+use diesel::Connection;
+use testkit::amqp::TestTopology;
+
+const KEYS: usize = 100;
+const PER_KEY: usize = 100;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_events_arrive_as_written_in_per_key_order() {
+    let (schema, outbox) = outbox_schema("relay_10k");
+    let topology = TestTopology::new("relay_10k", "order.#").await;
+    let written = enqueue_rounds(&schema, &outbox, &topology.exchange, KEYS, PER_KEY);
+
+    let relay = start(config(&schema));
+    let received = topology
+        .receive(KEYS * PER_KEY, Duration::from_secs(120))
+        .await;
+    relay.stop().await;
+
+    assert_eq!(received.len(), KEYS * PER_KEY);
+    assert_per_key_order(&received, PER_KEY as i64, false);
+    let by_id: HashMap<String, &outbox::Message> =
+        written.iter().map(|m| (m.id().to_string(), m)).collect();
+    for message in &received {
+        let sent = by_id[&message.message_id()];
+        let p = &message.properties;
+        assert_eq!(
+            message.body,
+            sent.payload(),
+            "body is the event's JSON, unwrapped"
+        );
+        assert_eq!(message.routing_key, "order.v1.submitted");
+        assert_eq!(
+            p.content_type().as_ref().unwrap().as_str(),
+            "application/json"
+        );
+        assert_eq!(*p.delivery_mode(), Some(2), "persistent");
+        assert_eq!(p.kind().as_ref().unwrap().as_str(), "order.submitted");
+        assert_eq!(p.app_id().as_ref().unwrap().as_str(), topology.exchange);
+        assert!(p.timestamp().is_some());
+        assert_eq!(
+            message.header_str("x-ordering-key").as_deref(),
+            sent.ordering_key()
+        );
+        assert_eq!(message.header_i64("x-event-version"), Some(1));
+        assert_eq!(message.header_str("tenant").as_deref(), Some("acme"));
+    }
+    assert_eq!(common_count(&schema), 0, "confirmed rows are deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_on_one_database_keep_per_key_order() {
+    let (schema, outbox) = outbox_schema("relay_two");
+    let topology = TestTopology::new("relay_two", "#").await;
+    enqueue_rounds(&schema, &outbox, &topology.exchange, KEYS, PER_KEY);
+
+    let first = start(config(&schema));
+    let second = start(config(&schema));
+    let received = topology
+        .receive(KEYS * PER_KEY, Duration::from_secs(120))
+        .await;
+    first.stop().await;
+    second.stop().await;
+
+    assert_per_key_order(&received, PER_KEY as i64, false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_transaction_never_reaches_the_broker() {
+    let (schema, outbox) = outbox_schema("relay_rollback");
+    let topology = TestTopology::new("relay_rollback", "#").await;
+    let relay = start(config(&schema));
+
+    let message = |what: &str| {
+        outbox::Message::builder(&topology.exchange, "order.v1.submitted", "order.submitted")
+            .ordering_key("order-1")
+            .json(&serde_json::json!({ "what": what }))
+            .build()
+            .unwrap()
+    };
+    let mut conn = schema.connect();
+    let _ = conn.transaction(|conn| {
+        outbox.enqueue_message(conn, &message("rolled back"))?;
+        Err::<(), _>(outbox::Error::NotInTransaction)
+    });
+    conn.transaction(|conn| outbox.enqueue_message(conn, &message("committed")))
+        .unwrap();
+
+    // The committed event arrives; nothing else is in the queue after it.
+    let received = topology.receive(1, Duration::from_secs(30)).await;
+    assert_eq!(received[0].body, br#"{"what":"committed"}"#);
+    assert_eq!(received[0].header_i64("x-key-seq"), Some(1));
+    relay.stop().await;
+    assert_eq!(topology.queue_depth().await, 0);
+}
+
+fn common_count(schema: &testkit::TestSchema) -> i64 {
+    #[derive(diesel::QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    use diesel::RunQueryDsl;
+    diesel::sql_query("SELECT count(*) AS n FROM outbox_messages")
+        .get_result::<N>(&mut schema.connect())
+        .unwrap()
+        .n
+}
