@@ -1,0 +1,2 @@
+//! Relay benchmark (being written).
+fn main() {}
