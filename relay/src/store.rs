@@ -226,9 +226,12 @@ impl Store {
         Ok(locked.flag)
     }
 
-    /// Up to `limit` due rows of the partition in seq order, leaving out
-    /// every row of a key whose earlier row waits for a retry: a key is
-    /// never published past its own failure.
+    /// Up to `limit` due rows of the partition in seq order.
+    ///
+    /// A key with a failed row still pending is held back: until that row
+    /// is confirmed or parked, it is the only row of its key that goes out
+    /// (alone, once its retry is due), so the key's later rows are never
+    /// published before it. Keys without failures are not slowed down.
     pub(crate) async fn due_rows(
         &self,
         conn: &mut AsyncPgConnection,
@@ -237,17 +240,24 @@ impl Store {
     ) -> Result<Vec<PendingRow>> {
         let table = self.table();
         diesel::sql_query(format!(
-            r#"WITH blocked AS (
-                   SELECT DISTINCT ordering_key FROM {table}
+            r#"WITH failing AS (
+                   -- The earliest failed row of each failing key (small: the
+                   -- outbox_messages_retrying index holds only failed rows).
+                   SELECT DISTINCT ON (ordering_key) ordering_key, key_seq, next_attempt_at
+                   FROM {table}
                    WHERE "partition" = $1 AND published_at IS NULL AND parked_at IS NULL
-                     AND attempts > 0 AND next_attempt_at > now() AND ordering_key IS NOT NULL
+                     AND attempts > 0 AND ordering_key IS NOT NULL
+                   ORDER BY ordering_key, key_seq
                )
                SELECT seq, id, ordering_key, key_seq, exchange, routing_key, event_type, event_version,
                       payload, headers, created_at, attempts
-               FROM {table}
+               FROM {table} m
                WHERE "partition" = $1 AND published_at IS NULL AND parked_at IS NULL
                  AND next_attempt_at <= now()
-                 AND (ordering_key IS NULL OR ordering_key NOT IN (SELECT ordering_key FROM blocked))
+                 AND NOT EXISTS (
+                     SELECT 1 FROM failing f
+                     WHERE f.ordering_key = m.ordering_key
+                       AND (m.key_seq > f.key_seq OR f.next_attempt_at > now()))
                ORDER BY seq
                LIMIT $2"#
         ))

@@ -60,7 +60,10 @@ pub(crate) async fn run(index: usize, partitions: Vec<i16>, wake: Arc<Wake>, sha
     let mut publisher: Option<Publisher> = None;
     let mut reconnect = config.retry.reconnect_delays();
     let mut full_scan = true;
-    let name = format!("outbox-relay {} worker {index}", shared.instance);
+    let name = format!(
+        "outbox-relay {} {} worker {index}",
+        config.schema, shared.instance
+    );
 
     while !shared.cancel.is_cancelled() {
         if db.is_none() {

@@ -113,3 +113,44 @@ fn common_count(schema: &testkit::TestSchema) -> i64 {
         .unwrap()
         .n
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_on_commit_wakes_the_relay_without_polling() {
+    let (schema, outbox) = outbox_schema("relay_notify");
+    let topology = TestTopology::new("relay_notify", "#").await;
+    let relay_config = relay::RelayConfig {
+        poll_interval: Duration::from_secs(3600), // polling alone would never deliver in time
+        ..config(&schema)
+    };
+    let relay = relay::Relay::new(relay_config).unwrap();
+    let health = relay.health();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(relay.run(async {
+        let _ = stopped.await;
+    }));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !(health.database_up() && health.broker_up()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "relay never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Let the workers finish their start-up scan and wait on the notify.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let message =
+        outbox::Message::builder(&topology.exchange, "order.v1.submitted", "order.submitted")
+            .ordering_key("order-1")
+            .json(&1)
+            .build()
+            .unwrap();
+    schema
+        .connect()
+        .transaction(|conn| outbox.enqueue_message(conn, &message))
+        .unwrap();
+    let received = topology.receive(1, Duration::from_secs(10)).await;
+    assert_eq!(received[0].message_id(), message.id().to_string());
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+}
