@@ -216,6 +216,7 @@ impl MessageBuilder {
         let mut headers = Map::new();
         for (name, value) in self.headers {
             validate::header_name(&name)?;
+            validate::header_value(&value)?;
             headers.insert(name, value);
         }
         if !headers.contains_key("traceparent")

@@ -115,6 +115,28 @@ pub(crate) fn header_name(value: &str) -> Result<()> {
     Ok(())
 }
 
+/// A header value: names inside nested objects are AMQP short strings too,
+/// so each must be 1 to 255 bytes.
+pub(crate) fn header_value(value: &serde_json::Value) -> Result<()> {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (inner, v) in map {
+                if inner.is_empty() || inner.len() > MAX_NAME_BYTES {
+                    return Err(Error::invalid(
+                        "header name",
+                        inner,
+                        "names inside a header's nested object must be 1 to 255 bytes",
+                    ));
+                }
+                header_value(v)?;
+            }
+            Ok(())
+        }
+        serde_json::Value::Array(items) => items.iter().try_for_each(header_value),
+        _ => Ok(()),
+    }
+}
+
 /// A schema name: a plain lower-case SQL identifier, so it can be quoted
 /// into statements safely.
 pub(crate) fn schema(value: &str) -> Result<()> {
@@ -192,6 +214,10 @@ mod tests {
         assert!(header_name("tenant").is_ok());
         assert!(header_name("X-Key-Seq").is_err());
         assert!(header_name("").is_err());
+        let long = "n".repeat(256);
+        assert!(header_value(&serde_json::json!({ "ok": [{ "fine": 1 }] })).is_ok());
+        assert!(header_value(&serde_json::json!({ "a": { long.clone(): 1 } })).is_err());
+        assert!(header_value(&serde_json::json!([{ long: 1 }])).is_err());
     }
 
     #[test]

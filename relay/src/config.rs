@@ -27,8 +27,9 @@ pub struct RelayConfig {
     /// Whether to LISTEN for the enqueue's NOTIFY to wake at once on commit.
     /// Defaults to true.
     pub listen: bool,
-    /// How long to wait for the broker to confirm a batch before counting
-    /// its unconfirmed rows as failed. Defaults to 10 s.
+    /// How long publishing a batch (sending and confirms) may take. After it,
+    /// every row of the batch is sent again (the same ids; consumers dedupe),
+    /// without counting an attempt. Defaults to 10 s.
     pub confirm_timeout: Duration,
     /// Backoff for failed rows and for reconnecting. See [`RetryPolicy`].
     pub retry: RetryPolicy,
@@ -175,26 +176,36 @@ impl RelayConfig {
     }
 }
 
-/// The URL with any password replaced by `***`, for logs and errors.
+/// The URL with any password replaced by `***`, for logs and errors: the
+/// user-info part (up to the last `@`, so a password with `/` or `@` in it is
+/// still hidden) and `password`/`sslpassword` query parameters.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+        return "<url without a scheme>".to_owned();
     };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
+    let rest = match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => rest.to_owned(),
     };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}{path}")
-            } else {
-                format!("{scheme}://{user}@{host}{path}")
+    let Some((base, query)) = rest.split_once('?') else {
+        return format!("{scheme}://{rest}");
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _))
+                if name.eq_ignore_ascii_case("password")
+                    || name.eq_ignore_ascii_case("sslpassword") =>
+            {
+                format!("{name}=***")
             }
-        }
-        None => url.to_owned(),
-    }
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{scheme}://{base}?{}", query.join("&"))
 }
 
 #[cfg(test)]
@@ -217,6 +228,14 @@ mod tests {
         );
         assert_eq!(redact_url("amqp://guest@h/%2f"), "amqp://guest@h/%2f");
         assert_eq!(redact_url("amqp://h:5672"), "amqp://h:5672");
+        assert_eq!(
+            redact_url("postgres://u:p/a@ss@db/x"),
+            "postgres://u:***@db/x"
+        );
+        assert_eq!(
+            redact_url("postgres://db/x?user=u&password=pw&sslmode=off"),
+            "postgres://db/x?user=u&password=***&sslmode=off"
+        );
         let shown = format!("{:?}", valid());
         assert!(
             !shown.contains("secret") && !shown.contains("guest:guest"),

@@ -1,6 +1,7 @@
 //! Publishing a batch on a confirm-mode channel: pipelined, `mandatory`, and
 //! a row counts as sent only when the broker acked it and did not return it.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -24,14 +25,25 @@ pub(crate) struct Publisher {
 /// What became of one row of a batch.
 #[derive(Debug)]
 pub(crate) enum Outcome {
-    /// Acked and routed: the broker has it.
+    /// Acked and not returned: the broker has it.
     Confirmed {
-        /// From publish to confirm.
+        /// From the start of the batch to its confirm.
         latency: Duration,
     },
-    /// Not confirmed; the reason is recorded on the row.
-    Failed(String),
+    /// The broker refused this message itself (returned as unroutable,
+    /// nacked, or its exchange does not exist). Counts towards parking.
+    Refused(String),
+    /// Whether the broker took it is unknown (confirm timeout, channel or
+    /// connection lost, or published after a refused message closed the
+    /// channel). Sent again; does not count towards parking.
+    Unknown(String),
 }
+
+/// How long closing a connection may take (a blocked broker never answers).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long connecting may take.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Publisher {
     /// Connects and opens a confirm-mode channel. `name` shows in the
@@ -43,9 +55,15 @@ impl Publisher {
             cause: e.to_string(),
         };
         let properties = ConnectionProperties::default().with_connection_name(name.into());
-        let connection = Connection::connect(url, properties)
-            .await
-            .map_err(connect_error)?;
+        let connection =
+            tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties))
+                .await
+                .map_err(|_| Error::Connect {
+                    what: "broker",
+                    url: crate::redact_url(url),
+                    cause: format!("no answer within {CONNECT_TIMEOUT:?}"),
+                })?
+                .map_err(connect_error)?;
         let channel = connection.create_channel().await.map_err(connect_error)?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -72,22 +90,35 @@ impl Publisher {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Publishes every row, then waits (up to `timeout`) for all confirms.
-    /// Returns one outcome per row, in order, and whether the channel is
-    /// still fit for use (not after a confirm timeout: its state is unknown).
-    pub(crate) async fn publish(
-        &self,
-        rows: &[PendingRow],
-        timeout: Duration,
-    ) -> (Vec<Outcome>, bool) {
+    /// Publishes every row and waits for every confirm, all within
+    /// `timeout` (sending can block too, while the broker has an alarm).
+    /// Returns one outcome per row, in order. Afterwards, check
+    /// [`Publisher::is_connected`]: after a timeout the channel is marked
+    /// broken, since its state is unknown.
+    pub(crate) async fn publish(&self, rows: &[PendingRow], timeout: Duration) -> Vec<Outcome> {
+        if self.connection.status().blocked() {
+            return unknown_all(
+                rows.len(),
+                "the broker has blocked publishing (resource alarm)",
+            );
+        }
         let started = Instant::now();
-        let mut pending = Vec::with_capacity(rows.len());
-        let mut broken: Option<String> = None;
-        for row in rows {
-            if let Some(reason) = &broken {
-                pending.push(Err(reason.clone()));
-                continue;
+        match tokio::time::timeout(timeout, self.publish_all(rows, started)).await {
+            Ok(outcomes) => outcomes,
+            Err(_) => {
+                self.channel_broken();
+                unknown_all(
+                    rows.len(),
+                    &format!("no confirm from the broker within {timeout:?}"),
+                )
             }
+        }
+    }
+
+    async fn publish_all(&self, rows: &[PendingRow], started: Instant) -> Vec<Outcome> {
+        // Send everything first (pipelined), then await the confirms.
+        let mut sent = Vec::with_capacity(rows.len());
+        for row in rows {
             let published = self
                 .channel
                 .basic_publish(
@@ -102,57 +133,90 @@ impl Publisher {
                 )
                 .await;
             match published {
-                Ok(confirm) => pending.push(Ok(confirm)),
+                Ok(confirm) => sent.push(Ok(confirm)),
                 Err(e) => {
-                    // The channel is gone: this and every later row fail.
-                    let reason = format!("publish failed: {e}");
-                    broken = Some(reason.clone());
-                    pending.push(Err(reason));
+                    // The channel is gone: this and every later row are unsent.
+                    sent.push(Err(e.to_string()));
+                    break;
                 }
             }
         }
-        let waits = pending.into_iter().map(|p| async move {
-            match p {
-                Err(reason) => Outcome::Failed(reason),
-                Ok(confirm) => match confirm.await {
-                    Ok(Confirmation::Ack(None)) => Outcome::Confirmed {
-                        latency: started.elapsed(),
-                    },
-                    Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
-                        Outcome::Failed(format!(
-                            "returned by the broker: {} {} (no queue bound to exchange {:?} for routing key {:?})",
-                            returned.reply_code,
-                            returned.reply_text,
-                            returned.exchange.as_str(),
-                            returned.routing_key.as_str()
-                        ))
-                    }
-                    Ok(Confirmation::Nack(None)) => {
-                        Outcome::Failed("nacked by the broker".to_owned())
-                    }
-                    Ok(Confirmation::NotRequested) => {
-                        Outcome::Failed("channel is not in confirm mode".to_owned())
-                    }
-                    Err(e) => Outcome::Failed(format!("confirm failed: {e}")),
-                },
+        let confirms = join_all(sent.into_iter().map(|s| async move {
+            match s {
+                Ok(confirm) => confirm.await.map_err(|e| e.to_string()),
+                Err(e) => Err(e),
             }
-        });
-        let count = rows.len();
-        match tokio::time::timeout(timeout, join_all(waits)).await {
-            Ok(outcomes) => (outcomes, broken.is_none()),
-            Err(_) => (
-                (0..count)
-                    .map(|_| {
-                        Outcome::Failed(format!("no confirm from the broker within {timeout:?}"))
-                    })
-                    .collect(),
-                false,
-            ),
+        }))
+        .await;
+        let latency = started.elapsed();
+
+        // lapin hands a basic.return to whichever confirm completes next, not
+        // to its own message; RabbitMQ sends the return before the ack, so
+        // every return of this batch has arrived by now. Match them by id.
+        let mut returned: HashMap<String, String> = HashMap::new();
+        for confirm in &confirms {
+            if let Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r))) = confirm {
+                let id = r
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|id| id.as_str().to_owned())
+                    .unwrap_or_default();
+                returned.insert(
+                    id,
+                    format!(
+                        "returned by the broker: {} {} (no queue bound to exchange {:?} for routing key {:?})",
+                        r.reply_code,
+                        r.reply_text,
+                        r.exchange.as_str(),
+                        r.routing_key.as_str()
+                    ),
+                );
+            }
         }
+
+        let mut first_error_seen = false;
+        let mut outcomes = Vec::with_capacity(rows.len());
+        let mut confirms = confirms.into_iter();
+        for row in rows {
+            let outcome = match confirms.next() {
+                _ if returned.contains_key(&row.id.to_string()) => {
+                    Outcome::Refused(returned.remove(&row.id.to_string()).unwrap_or_default())
+                }
+                Some(Ok(Confirmation::Ack(_))) => Outcome::Confirmed { latency },
+                Some(Ok(Confirmation::Nack(_))) => {
+                    Outcome::Refused("nacked by the broker".to_owned())
+                }
+                Some(Ok(Confirmation::NotRequested)) => {
+                    Outcome::Unknown("channel is not in confirm mode".to_owned())
+                }
+                Some(Err(e)) => {
+                    // The broker closes the channel at the first publish to
+                    // a missing exchange; everything after it is collateral.
+                    let own_fault = !first_error_seen && e.contains("NOT_FOUND");
+                    first_error_seen = true;
+                    if own_fault {
+                        Outcome::Refused(format!("publish failed: {e}"))
+                    } else {
+                        Outcome::Unknown(format!("channel lost: {e}"))
+                    }
+                }
+                None => Outcome::Unknown("not sent: the channel was lost".to_owned()),
+            };
+            outcomes.push(outcome);
+        }
+        outcomes
     }
 
     /// Closes the connection politely.
     pub(crate) async fn close(self) {
-        let _ = self.connection.close(200, "relay stopping".into()).await;
+        let close = self.connection.close(200, "relay stopping".into());
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
     }
+}
+
+fn unknown_all(count: usize, reason: &str) -> Vec<Outcome> {
+    (0..count)
+        .map(|_| Outcome::Unknown(reason.to_owned()))
+        .collect()
 }

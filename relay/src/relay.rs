@@ -17,6 +17,9 @@ use crate::store::{self, Settings, Store};
 use crate::worker::{self, Wake};
 use crate::{RelayConfig, Result, metrics as m};
 
+/// How long the LISTEN connection may take to answer a ping.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// State every task of one relay shares.
 pub(crate) struct Shared {
     pub(crate) config: RelayConfig,
@@ -103,7 +106,6 @@ impl Relay {
             ));
         }
 
-        let stop = cancel.clone();
         let run = async {
             let Some(settings) = settings_with_retry(&shared).await? else {
                 return Ok(()); // stopped before the database came up
@@ -148,19 +150,17 @@ impl Relay {
             Ok(())
         };
         tokio::pin!(shutdown);
-        let started = tokio::select! {
-            result = run => result,
-            () = &mut shutdown => Ok(()),
+        // A shutdown future must not be polled again once it has completed.
+        let (started, shutdown_done) = tokio::select! {
+            result = run => (result, false),
+            () = &mut shutdown => (Ok(()), true),
         };
-        if started.is_err() {
+        if started.is_err() || shutdown_done {
             cancel.cancel();
             while tasks.join_next().await.is_some() {}
             return started;
         }
-        tokio::select! {
-            () = &mut shutdown => {}
-            () = stop.cancelled() => {}
-        }
+        shutdown.await;
         info!("stopping: finishing batches under way");
         cancel.cancel();
         while tasks.join_next().await.is_some() {}
@@ -238,9 +238,19 @@ async fn listen(shared: Arc<Shared>, channel: String, wakes: Vec<Arc<Wake>>) {
                 }
                 Some(None) => break,
                 None => {
-                    if let Err(e) = store::Store::ping(&mut conn).await {
-                        warn!(error = %e, "LISTEN connection lost");
-                        break;
+                    // A silently dead connection yields nothing: ping it,
+                    // with a bound, since a dead peer never answers.
+                    let ping = tokio::time::timeout(PING_TIMEOUT, store::Store::ping(&mut conn));
+                    match ping.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            warn!(error = %e, "LISTEN connection lost");
+                            break;
+                        }
+                        Err(_) => {
+                            warn!("LISTEN connection did not answer a ping; reconnecting");
+                            break;
+                        }
                     }
                 }
             }

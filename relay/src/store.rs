@@ -329,6 +329,32 @@ impl Store {
         Ok(())
     }
 
+    /// Records why rows whose fate is unknown (confirm timeout, lost
+    /// channel) were not confirmed. They stay due at once and their attempts
+    /// do not grow: a broker outage must not park healthy rows.
+    pub(crate) async fn note_unknown(
+        &self,
+        conn: &mut AsyncPgConnection,
+        rows: &[(Uuid, String)],
+    ) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
+        let errors: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+        diesel::sql_query(format!(
+            "UPDATE {} AS m SET last_error = left(f.error, 2000)
+             FROM unnest($1::uuid[], $2::text[]) AS f(id, error) WHERE m.id = f.id",
+            self.table()
+        ))
+        .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+        .bind::<Array<Text>, _>(errors)
+        .execute(conn)
+        .await
+        .map_err(Error::db("recording unconfirmed rows"))?;
+        Ok(())
+    }
+
     /// Backlog per partition (only partitions with pending rows).
     pub async fn backlog(&self, conn: &mut AsyncPgConnection) -> Result<Vec<PartitionBacklog>> {
         diesel::sql_query(format!(
@@ -343,20 +369,27 @@ impl Store {
         .map_err(Error::db("reading the backlog"))
     }
 
-    /// Totals for the whole outbox.
+    /// Totals for the whole outbox. Two statements, each matching a partial
+    /// index, so the retained published rows are never scanned.
     pub async fn totals(&self, conn: &mut AsyncPgConnection) -> Result<Totals> {
-        diesel::sql_query(format!(
-            r#"SELECT count(*) FILTER (WHERE published_at IS NULL AND parked_at IS NULL) AS pending,
-                      count(*) FILTER (WHERE published_at IS NULL AND parked_at IS NULL AND attempts > 0) AS retrying,
-                      count(*) FILTER (WHERE parked_at IS NOT NULL) AS parked,
-                      coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE published_at IS NULL AND parked_at IS NULL))::float8, 0)
-                          AS oldest_age_seconds
-               FROM {} WHERE published_at IS NULL"#,
-            self.table()
+        let table = self.table();
+        let mut totals: Totals = diesel::sql_query(format!(
+            r#"SELECT count(*) AS pending, count(*) FILTER (WHERE attempts > 0) AS retrying,
+                      0::bigint AS parked,
+                      coalesce(extract(epoch FROM now() - min(created_at))::float8, 0) AS oldest_age_seconds
+               FROM {table} WHERE published_at IS NULL AND parked_at IS NULL"#
         ))
         .get_result(conn)
         .await
-        .map_err(Error::db("reading the totals"))
+        .map_err(Error::db("reading the totals"))?;
+        totals.parked = diesel::sql_query(format!(
+            "SELECT count(*) AS n FROM {table} WHERE parked_at IS NOT NULL"
+        ))
+        .get_result::<Count>(conn)
+        .await
+        .map_err(Error::db("counting parked rows"))?
+        .n;
+        Ok(totals)
     }
 
     /// Parked rows, oldest first.
@@ -470,11 +503,14 @@ impl Store {
 
 /// Connects to the database; the error shows the URL without its password.
 pub async fn connect(url: &str) -> Result<AsyncPgConnection> {
-    AsyncPgConnection::establish(url)
+    let timeout = crate::publish::CONNECT_TIMEOUT;
+    let error = |cause: String| Error::Connect {
+        what: "database",
+        url: crate::redact_url(url),
+        cause,
+    };
+    tokio::time::timeout(timeout, AsyncPgConnection::establish(url))
         .await
-        .map_err(|e| Error::Connect {
-            what: "database",
-            url: crate::redact_url(url),
-            cause: e.to_string(),
-        })
+        .map_err(|_| error(format!("no answer within {timeout:?}")))?
+        .map_err(|e| error(e.to_string()))
 }

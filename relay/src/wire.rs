@@ -25,7 +25,7 @@ pub fn properties(row: &PendingRow, app_id: Option<&str>) -> BasicProperties {
     let mut headers = FieldTable::default();
     if let Value::Object(map) = &row.headers {
         for (name, value) in map {
-            headers.insert(ShortString::from(name.as_str()), to_amqp(value));
+            headers.insert(short(name), to_amqp(value));
         }
     }
     if let Some(key) = &row.ordering_key {
@@ -51,6 +51,17 @@ pub fn properties(row: &PendingRow, app_id: Option<&str>) -> BasicProperties {
         .with_headers(headers)
 }
 
+/// A field name as an AMQP short string. Enqueue refuses names over 255
+/// bytes; rows written by other means are cut rather than sent as a
+/// malformed frame that would make the broker drop the connection.
+fn short(name: &str) -> ShortString {
+    let mut end = name.len().min(255);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    ShortString::from(&name[..end])
+}
+
 /// A JSON header value as the closest AMQP field value.
 fn to_amqp(value: &Value) -> AMQPValue {
     match value {
@@ -68,7 +79,7 @@ fn to_amqp(value: &Value) -> AMQPValue {
         Value::Object(map) => {
             let mut table = FieldTable::default();
             for (k, v) in map {
-                table.insert(k.as_str().into(), to_amqp(v));
+                table.insert(short(k), to_amqp(v));
             }
             AMQPValue::FieldTable(table)
         }

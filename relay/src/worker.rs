@@ -1,17 +1,22 @@
 //! A worker: one database connection and one AMQP channel, working its
 //! share of the partitions batch by batch.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use diesel_async::{AsyncConnection, AsyncPgConnection};
+use diesel_async::SimpleAsyncConnection;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use diesel_async::AsyncPgConnection;
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::publish::{Outcome, Publisher};
 use crate::relay::Shared;
+use crate::store::PendingRow;
 use crate::store::{self, Failure};
 use crate::{Result, metrics as m};
 
@@ -52,22 +57,39 @@ struct Batch {
     rows: usize,
 }
 
+/// Extra time a batch may take beyond the confirm timeout (its SQL).
+const BATCH_SLACK: Duration = Duration::from_secs(30);
+
 /// Runs worker `index` over `partitions` until the relay is cancelled.
 /// Stops claiming at once on cancel; a batch under way is finished first.
 pub(crate) async fn run(index: usize, partitions: Vec<i16>, wake: Arc<Wake>, shared: Arc<Shared>) {
     let config = &shared.config;
     let mut db: Option<AsyncPgConnection> = None;
     let mut publisher: Option<Publisher> = None;
-    let mut reconnect = config.retry.reconnect_delays();
-    let mut full_scan = true;
+    // Backoff between failed connects or batches; reset by a good batch.
+    let mut backoff = config.retry.reconnect_delays();
+    let mut failed = false;
+    // Every partition is scanned on this schedule, however busy NOTIFY keeps
+    // the worker: retries fall due without any notification.
+    let mut next_full_scan = Instant::now();
+    // Scans start one partition later each time, so one partition that
+    // keeps failing does not starve the ones after it.
+    let mut rotation = 0usize;
     let name = format!(
         "outbox-relay {} {} worker {index}",
         config.schema, shared.instance
     );
 
     while !shared.cancel.is_cancelled() {
+        if failed {
+            let delay = backoff.next().unwrap_or(config.retry.max_delay);
+            tokio::select! {
+                () = shared.cancel.cancelled() => break,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
         if db.is_none() {
-            match store::connect(&config.database_url).await {
+            match connect_database(&shared).await {
                 Ok(conn) => db = Some(conn),
                 Err(e) => warn!(worker = index, error = %e, "database unavailable; retrying"),
             }
@@ -84,64 +106,97 @@ pub(crate) async fn run(index: usize, partitions: Vec<i16>, wake: Arc<Wake>, sha
         }
         shared.health.set_broker(index, publisher.is_some());
         let (Some(conn), Some(channel)) = (db.as_mut(), publisher.as_ref()) else {
-            let delay = reconnect.next().unwrap_or(config.retry.max_delay);
-            tokio::select! {
-                () = shared.cancel.cancelled() => break,
-                () = tokio::time::sleep(delay) => continue,
-            }
+            failed = true;
+            continue;
         };
-        reconnect = config.retry.reconnect_delays();
 
-        let rescan = wake.rescan.swap(false, Ordering::Relaxed);
-        let targets = if std::mem::take(&mut full_scan) || rescan {
-            partitions.clone()
+        let full = Instant::now() >= next_full_scan || wake.rescan.swap(false, Ordering::Relaxed);
+        let mut targets = if full {
+            next_full_scan = Instant::now() + config.poll_interval;
+            rotation = (rotation + 1) % partitions.len().max(1);
+            let mut all = partitions.clone();
+            all.rotate_left(rotation);
+            all
         } else {
             wake.take()
         };
         let mut more = false;
-        for partition in targets {
+        let mut drop_db = false;
+        failed = false;
+        while let Some(partition) = (!targets.is_empty()).then(|| targets.remove(0)) {
             if shared.cancel.is_cancelled() {
                 break;
             }
             let span = info_span!("batch", worker = index, partition);
-            match process(&shared, conn, channel, partition)
-                .instrument(span)
-                .await
-            {
-                Ok(batch) if batch.rows >= config.batch_size as usize => {
-                    // A full batch: there is probably more; go again at once.
-                    wake.dirty
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(partition);
-                    more = true;
+            let batch = tokio::time::timeout(
+                config.confirm_timeout + BATCH_SLACK,
+                process(&shared, conn, channel, partition),
+            )
+            .instrument(span)
+            .await;
+            match batch {
+                Ok(Ok(batch)) => {
+                    backoff = config.retry.reconnect_delays();
+                    if batch.rows >= config.batch_size as usize {
+                        // A full batch: there is probably more; go again at once.
+                        wake.dirty
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(partition);
+                        more = true;
+                    }
                 }
-                Ok(_) => {}
-                Err(e) => {
+                Ok(Err(e)) => {
                     warn!(worker = index, partition, error = %e, "batch failed; reconnecting");
-                    // The connection may be broken; a fresh one is cheap.
-                    db = None;
-                    full_scan = true;
-                    break;
+                    drop_db = true; // the connection may be broken; a fresh one is cheap
+                    failed = true;
+                }
+                Err(_) => {
+                    warn!(
+                        worker = index,
+                        partition, "batch took too long; reconnecting"
+                    );
+                    drop_db = true; // the cut-off query leaves the connection unusable
+                    failed = true;
                 }
             }
-            if !channel.is_connected() {
+            if failed || !channel.is_connected() {
+                // Not done with these: scan everything once reconnected.
+                wake.rescan.store(true, Ordering::Relaxed);
+                failed = true;
                 break;
             }
         }
-        if more || db.is_none() {
+        if drop_db {
+            db = None;
+        }
+        if more || failed {
             continue;
         }
         tokio::select! {
             () = shared.cancel.cancelled() => break,
             () = wake.notify.notified() => {}
-            () = tokio::time::sleep(config.poll_interval) => full_scan = true,
+            () = tokio::time::sleep_until(next_full_scan) => {}
         }
     }
     if let Some(p) = publisher {
         p.close().await;
     }
     debug!(worker = index, "worker stopped");
+}
+
+/// A database connection with the session limits the relay relies on: a
+/// relay that dies mid-batch must not keep its partition locks for long.
+async fn connect_database(shared: &Shared) -> Result<AsyncPgConnection> {
+    let mut conn = store::connect(&shared.config.database_url).await?;
+    let idle_ms = (shared.config.confirm_timeout + BATCH_SLACK).as_millis();
+    conn.batch_execute(&format!(
+        "SET idle_in_transaction_session_timeout = {idle_ms}; SET statement_timeout = {}",
+        BATCH_SLACK.as_millis()
+    ))
+    .await
+    .map_err(crate::Error::db("setting session limits"))?;
+    Ok(conn)
 }
 
 /// One batch of one partition, in one transaction that holds the
@@ -154,60 +209,160 @@ async fn process(
 ) -> Result<Batch> {
     let config = &shared.config;
     let store = &shared.store;
-    conn.transaction(async |conn| {
-        if !store.try_lock_partition(conn, partition).await? {
-            return Ok(Batch { rows: 0 }); // another relay works it now
-        }
-        let rows = store.due_rows(conn, partition, config.batch_size).await?;
-        if rows.is_empty() {
-            return Ok(Batch { rows: 0 });
-        }
-        let (outcomes, channel_ok) = publisher.publish(&rows, config.confirm_timeout).await;
-        let now = chrono::Utc::now();
-        let mut published = Vec::with_capacity(rows.len());
-        let mut failures = Vec::new();
-        for (row, outcome) in rows.iter().zip(outcomes) {
-            match outcome {
-                Outcome::Confirmed { latency } => {
-                    published.push(row.id);
-                    metrics::histogram!(m::CONFIRM_LATENCY).record(latency.as_secs_f64());
-                    let since_commit = (now - row.created_at).to_std().unwrap_or(Duration::ZERO);
-                    metrics::histogram!(m::COMMIT_TO_CONFIRM).record(since_commit.as_secs_f64());
-                }
-                Outcome::Failed(error) => {
-                    let attempts = u32::try_from(row.attempts).unwrap_or(0) + 1;
-                    let park = config.retry.exhausted(attempts);
-                    warn!(
-                        id = %row.id, exchange = %row.exchange, routing_key = %row.routing_key,
-                        attempts, parked = park, error = %error, "publish failed"
-                    );
-                    failures.push(Failure {
-                        id: row.id,
-                        error,
-                        retry_after: config.retry.delay(attempts),
-                        park,
-                    });
-                }
+    // Read committed: the snapshot must be taken after the lock, per statement.
+    conn.build_transaction()
+        .read_committed()
+        .run(async |conn| {
+            if !store.try_lock_partition(conn, partition).await? {
+                return Ok(Batch { rows: 0 }); // another relay works it now
             }
+            let rows = store.due_rows(conn, partition, config.batch_size).await?;
+            if rows.is_empty() {
+                return Ok(Batch { rows: 0 });
+            }
+            let outcomes = publisher.publish(&rows, config.confirm_timeout).await;
+            let results = sort_outcomes(config, &rows, outcomes);
+            store
+                .mark_published(conn, &results.published, config.retention.is_some())
+                .await?;
+            store.mark_failed(conn, &results.refused).await?;
+            store.note_unknown(conn, &results.unknown).await?;
+            let parked = results.refused.iter().filter(|f| f.park).count();
+            metrics::counter!(m::PUBLISHED).increment(results.published.len() as u64);
+            metrics::counter!(m::RETRIED)
+                .increment((results.refused.len() - parked + results.unknown.len()) as u64);
+            metrics::counter!(m::PARKED).increment(parked as u64);
+            debug!(
+                published = results.published.len(),
+                refused = results.refused.len(),
+                unknown = results.unknown.len(),
+                "batch done"
+            );
+            Ok(Batch { rows: rows.len() })
+        })
+        .await
+}
+
+/// What to record for each row of a batch.
+#[derive(Debug, Default)]
+struct Results {
+    published: Vec<Uuid>,
+    refused: Vec<Failure>,
+    unknown: Vec<(Uuid, String)>,
+}
+
+/// Sorts a batch's outcomes into what to record. Once a row of a key is not
+/// confirmed, the key's later rows in the batch are left pending even if
+/// confirmed: they are sent again after it (the same ids; consumers dedupe),
+/// so the key's latest copy never precedes its earlier event.
+fn sort_outcomes(
+    config: &crate::RelayConfig,
+    rows: &[PendingRow],
+    outcomes: Vec<Outcome>,
+) -> Results {
+    let now = chrono::Utc::now();
+    let mut held: HashSet<&str> = HashSet::new();
+    let mut results = Results::default();
+    for (row, outcome) in rows.iter().zip(outcomes) {
+        let key = row.ordering_key.as_deref();
+        let behind_failure = key.is_some_and(|k| held.contains(k));
+        match outcome {
+            Outcome::Confirmed { latency } if !behind_failure => {
+                results.published.push(row.id);
+                metrics::histogram!(m::CONFIRM_LATENCY).record(latency.as_secs_f64());
+                let since_commit = (now - row.created_at).to_std().unwrap_or(Duration::ZERO);
+                metrics::histogram!(m::COMMIT_TO_CONFIRM).record(since_commit.as_secs_f64());
+            }
+            Outcome::Confirmed { .. } => results.unknown.push((
+                row.id,
+                "sent again: an earlier event of its key failed in the same batch".to_owned(),
+            )),
+            Outcome::Refused(error) => {
+                let attempts = u32::try_from(row.attempts).unwrap_or(0) + 1;
+                let park = config.retry.exhausted(attempts);
+                warn!(
+                    id = %row.id, exchange = %row.exchange, routing_key = %row.routing_key,
+                    attempts, parked = park, error = %error, "publish refused"
+                );
+                results.refused.push(Failure {
+                    id: row.id,
+                    error,
+                    retry_after: config.retry.delay(attempts),
+                    park,
+                });
+            }
+            Outcome::Unknown(error) => results.unknown.push((row.id, error)),
         }
-        store
-            .mark_published(conn, &published, config.retention.is_some())
-            .await?;
-        store.mark_failed(conn, &failures).await?;
-        let parked = failures.iter().filter(|f| f.park).count();
-        metrics::counter!(m::PUBLISHED).increment(published.len() as u64);
-        metrics::counter!(m::RETRIED).increment((failures.len() - parked) as u64);
-        metrics::counter!(m::PARKED).increment(parked as u64);
-        debug!(
-            published = published.len(),
-            failed = failures.len(),
-            "batch done"
+        let failed = !matches!(results.published.last(), Some(id) if *id == row.id);
+        if failed && let Some(k) = key {
+            held.insert(k);
+        }
+    }
+    results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(n: u128, key: Option<&str>, attempts: i32) -> PendingRow {
+        PendingRow {
+            seq: n as i64,
+            id: Uuid::from_u128(n),
+            ordering_key: key.map(str::to_owned),
+            key_seq: key.map(|_| n as i64),
+            exchange: "order".into(),
+            routing_key: "order.v1.x".into(),
+            event_type: "x".into(),
+            event_version: 1,
+            payload: b"{}".to_vec(),
+            headers: serde_json::json!({}),
+            created_at: chrono::Utc::now(),
+            attempts,
+        }
+    }
+
+    fn ok() -> Outcome {
+        Outcome::Confirmed {
+            latency: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn later_rows_of_a_failed_key_are_sent_again_and_other_keys_are_not_held() {
+        let config = crate::RelayConfig::default();
+        let rows = [
+            row(1, Some("a"), 0),
+            row(2, Some("b"), 0),
+            row(3, Some("a"), 0),
+            row(4, None, 0),
+            row(5, Some("b"), 0),
+        ];
+        let outcomes = vec![
+            Outcome::Refused("returned".into()),
+            ok(),
+            ok(),
+            Outcome::Unknown("lost".into()),
+            ok(),
+        ];
+        let results = sort_outcomes(&config, &rows, outcomes);
+        assert_eq!(results.published, [Uuid::from_u128(2), Uuid::from_u128(5)]);
+        assert_eq!(results.refused.len(), 1);
+        assert_eq!(results.refused[0].id, Uuid::from_u128(1));
+        assert!(!results.refused[0].park);
+        let unknown: Vec<Uuid> = results.unknown.iter().map(|u| u.0).collect();
+        assert_eq!(unknown, [Uuid::from_u128(3), Uuid::from_u128(4)]);
+    }
+
+    #[test]
+    fn the_last_refused_attempt_parks() {
+        let config = crate::RelayConfig::default();
+        let max = config.retry.max_attempts as i32;
+        let results = sort_outcomes(
+            &config,
+            &[row(1, Some("a"), max - 1)],
+            vec![Outcome::Refused("nacked".into())],
         );
-        if !channel_ok {
-            // After a timeout the channel's state is unknown: start afresh.
-            publisher.channel_broken();
-        }
-        Ok(Batch { rows: rows.len() })
-    })
-    .await
+        assert!(results.refused[0].park);
+    }
 }

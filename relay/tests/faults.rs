@@ -169,6 +169,67 @@ async fn database_connections_killed_mid_drain_lose_nothing() {
     assert_eq!(pending(&schema), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_exchange_is_parked_and_other_events_still_flow() {
+    let (schema, outbox) = outbox_schema("relay_noexchange");
+    let topology = TestTopology::new("relay_noexchange", "#").await;
+    let missing = testkit::unique_name("missing_exchange");
+    let message = |exchange: &str, key: &str| {
+        outbox::Message::builder(exchange, "order.v1.submitted", "order.submitted")
+            .ordering_key(key)
+            .json(&serde_json::json!({ "key": key }))
+            .build()
+            .unwrap()
+    };
+    // The broker closes the channel at a publish to a missing exchange;
+    // the rows around it must not be parked with it.
+    let doomed = message(&missing, "order-x");
+    let good: Vec<outbox::Message> = (0..20)
+        .map(|i| message(&topology.exchange, &format!("order-{i}")))
+        .collect();
+    let mut all = vec![doomed.clone()];
+    all.extend(good.iter().cloned());
+    schema
+        .connect()
+        .transaction(|conn| outbox.enqueue_batch(conn, &all))
+        .unwrap();
+
+    let relay = start(config(&schema));
+    let received = topology
+        .receive_until(Duration::from_secs(60), distinct_reached(good.len()))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let parked = loop {
+        let state: Vec<RowState> = diesel::sql_query(
+            "SELECT attempts, last_error, parked_at IS NOT NULL AS parked, false AS parked_before_next_published
+             FROM outbox_messages WHERE id = $1 AND parked_at IS NOT NULL",
+        )
+        .bind::<diesel::sql_types::Uuid, _>(doomed.id())
+        .load(&mut schema.connect())
+        .unwrap();
+        if let Some(state) = state.into_iter().next() {
+            break state;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the doomed row was never parked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    relay.stop().await;
+    assert_eq!(parked.attempts, 3);
+    assert!(parked.last_error.unwrap().contains("NOT_FOUND"));
+    let ids: HashSet<String> = received.iter().map(Received::message_id).collect();
+    for m in &good {
+        assert!(ids.contains(&m.id().to_string()));
+    }
+    assert_eq!(
+        pending(&schema),
+        0,
+        "nothing but the doomed row was held or parked"
+    );
+}
+
 #[derive(QueryableByName)]
 struct Count32 {
     #[diesel(sql_type = Integer)]
