@@ -9,3 +9,4 @@ DROP TABLE IF EXISTS inbox_messages;
 DROP TABLE IF EXISTS outbox_messages;
 DROP TABLE IF EXISTS outbox_keys;
 DROP TABLE IF EXISTS outbox_settings;
+DROP FUNCTION IF EXISTS outbox_settings_guard();

@@ -24,6 +24,23 @@ COMMENT ON COLUMN outbox_settings.notify_channel IS 'LISTEN/NOTIFY channel for t
 COMMENT ON COLUMN outbox_settings.max_payload_bytes IS 'Largest payload outbox_enqueue accepts when the caller passes no limit of its own.';
 INSERT INTO outbox_settings DEFAULT VALUES ON CONFLICT DO NOTHING;
 
+-- The partition count is fixed once rows exist: changing it would move keys
+-- between partitions (and two relays could then work one key at once), and
+-- lowering it would strand rows in partitions no relay scans.
+CREATE OR REPLACE FUNCTION outbox_settings_guard() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path FROM CURRENT
+AS $fn$
+BEGIN
+    IF NEW.partitions <> OLD.partitions AND EXISTS (SELECT 1 FROM outbox_messages) THEN
+        RAISE EXCEPTION 'outbox: outbox_settings.partitions is fixed while outbox_messages has rows (% -> %)',
+            OLD.partitions, NEW.partitions USING ERRCODE = '55000';
+    END IF;
+    RETURN NEW;
+END
+$fn$;
+COMMENT ON FUNCTION outbox_settings_guard() IS 'Refuses changing the partition count while the outbox holds rows.';
+
 -- The per-key counter. Enqueue increments it under its row lock, held to
 -- commit, so writers of one key serialise and key_seq is gapless in commit order.
 CREATE TABLE IF NOT EXISTS outbox_keys (
@@ -73,6 +90,10 @@ COMMENT ON COLUMN outbox_messages.next_attempt_at IS 'Earliest time of the next 
 COMMENT ON COLUMN outbox_messages.last_error IS 'Why the last publish attempt failed.';
 COMMENT ON COLUMN outbox_messages.published_at IS 'When the broker confirmed the message; NULL while pending.';
 COMMENT ON COLUMN outbox_messages.parked_at IS 'When the relay gave up after the maximum attempts; NULL unless parked.';
+
+DROP TRIGGER IF EXISTS outbox_settings_guard ON outbox_settings;
+CREATE TRIGGER outbox_settings_guard BEFORE UPDATE ON outbox_settings
+    FOR EACH ROW EXECUTE FUNCTION outbox_settings_guard();
 
 -- The relay's scan: pending rows of one partition in seq order. Partial, so
 -- its size follows the backlog, not the table.

@@ -261,3 +261,19 @@ fn notify_can_be_switched_off() {
     });
     assert_eq!(seen, ["marker"]);
 }
+
+#[test]
+fn the_partition_count_cannot_change_while_rows_exist() {
+    let (schema, outbox) = outbox_in_own_schema("partition_guard");
+    let mut conn = schema.connect();
+    conn.batch_execute("UPDATE outbox_settings SET partitions = 32")
+        .expect("free to change while the outbox is empty");
+    conn.transaction(|conn| outbox.enqueue(conn, &NewsletterSent { issue: 1 }))
+        .unwrap();
+    let err = conn
+        .batch_execute("UPDATE outbox_settings SET partitions = 16")
+        .unwrap_err();
+    assert!(err.to_string().contains("partitions is fixed"), "{err}");
+    conn.batch_execute("UPDATE outbox_settings SET notify = false")
+        .expect("other settings stay free");
+}
