@@ -154,3 +154,54 @@ async fn notify_on_commit_wakes_the_relay_without_polling() {
     let _ = stop.send(());
     handle.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_rows_are_kept_for_the_retention_then_cleaned_up() {
+    let (schema, outbox) = outbox_schema("relay_retention");
+    let topology = TestTopology::new("relay_retention", "#").await;
+    let relay = start(relay::RelayConfig {
+        retention: Some(Duration::from_secs(3)),
+        cleanup_interval: Duration::from_millis(100),
+        ..config(&schema)
+    });
+    let messages: Vec<outbox::Message> = (0..5)
+        .map(|i| {
+            outbox::Message::builder(&topology.exchange, "order.v1.submitted", "order.submitted")
+                .ordering_key(format!("order-{i}"))
+                .json(&i)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    schema
+        .connect()
+        .transaction(|conn| outbox.enqueue_batch(conn, &messages))
+        .unwrap();
+    topology.receive(5, Duration::from_secs(30)).await;
+
+    #[derive(diesel::QueryableByName)]
+    struct Kept {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    use diesel::RunQueryDsl;
+    let kept = |conn: &mut diesel::PgConnection| {
+        diesel::sql_query(
+            "SELECT count(*) AS n FROM outbox_messages WHERE published_at IS NOT NULL",
+        )
+        .get_result::<Kept>(conn)
+        .unwrap()
+        .n
+    };
+    let mut conn = schema.connect();
+    assert_eq!(kept(&mut conn), 5, "confirmed rows are stamped and kept");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while common_count(&schema) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rows past the retention were not cleaned up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    relay.stop().await;
+}
