@@ -320,3 +320,62 @@ END
 $fn$;
 COMMENT ON FUNCTION outbox_enqueue_batch(text[], text[], text[], bytea[], text[], integer[], jsonb[], uuid[], integer) IS
     'Enqueue several events in one call, taking key locks in key order; one result row per input position.';
+
+-- The relay's batch read, as a function so its plan is cached per session
+-- (the relay runs it for every batch): takes the partition's advisory lock
+-- for the rest of the transaction and returns up to p_limit due rows in seq
+-- order, or nothing when another relay holds the partition.
+-- A key with a failed row pending is held back: until that row is confirmed
+-- or parked, it is the only row of its key returned (once its retry is due).
+CREATE OR REPLACE FUNCTION outbox_relay_claim(p_partition smallint, p_limit integer, p_lock_namespace text)
+RETURNS TABLE (seq bigint, id uuid, ordering_key text, key_seq bigint, exchange text, routing_key text,
+               event_type text, event_version integer, payload bytea, headers jsonb,
+               created_at timestamptz, attempts integer)
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $fn$
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(hashtext(p_lock_namespace), p_partition) THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+        WITH failing AS (
+            -- The earliest failed row of each failing key (small: the
+            -- outbox_messages_retrying index holds only failed rows).
+            SELECT DISTINCT ON (f.ordering_key) f.ordering_key, f.key_seq, f.next_attempt_at
+            FROM outbox_messages f
+            WHERE f."partition" = p_partition AND f.published_at IS NULL AND f.parked_at IS NULL
+              AND f.attempts > 0 AND f.ordering_key IS NOT NULL
+            ORDER BY f.ordering_key, f.key_seq
+        )
+        SELECT m.seq, m.id, m.ordering_key, m.key_seq, m.exchange, m.routing_key, m.event_type,
+               m.event_version, m.payload, m.headers, m.created_at, m.attempts
+        FROM outbox_messages m
+        WHERE m."partition" = p_partition AND m.published_at IS NULL AND m.parked_at IS NULL
+          AND m.next_attempt_at <= now()
+          AND NOT EXISTS (
+              SELECT 1 FROM failing f
+              WHERE f.ordering_key = m.ordering_key
+                AND (m.key_seq > f.key_seq OR f.next_attempt_at > now()))
+        ORDER BY m.seq
+        LIMIT p_limit;
+END
+$fn$;
+COMMENT ON FUNCTION outbox_relay_claim(smallint, integer, text) IS
+    'Relay: lock a partition for the transaction and return its due rows in seq order, holding back keys behind a failed row.';
+
+-- The relay's record of confirmed rows: deleted, or stamped when kept.
+CREATE OR REPLACE FUNCTION outbox_relay_published(p_ids uuid[], p_keep boolean) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path FROM CURRENT
+AS $fn$
+BEGIN
+    IF p_keep THEN
+        UPDATE outbox_messages SET published_at = now() WHERE id = ANY (p_ids);
+    ELSE
+        DELETE FROM outbox_messages WHERE id = ANY (p_ids);
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION outbox_relay_published(uuid[], boolean) IS
+    'Relay: record confirmed rows (delete them, or stamp published_at when kept for retention).';

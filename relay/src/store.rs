@@ -209,63 +209,31 @@ impl Store {
         .map_err(Error::db("reading outbox_settings"))
     }
 
-    /// Takes the partition's lock for the rest of the transaction, if no
-    /// other relay holds it. One owner per partition keeps per-key order.
-    pub(crate) async fn try_lock_partition(
-        &self,
-        conn: &mut AsyncPgConnection,
-        partition: i16,
-    ) -> Result<bool> {
-        let locked: Flag =
-            diesel::sql_query("SELECT pg_try_advisory_xact_lock(hashtext($1), $2) AS flag")
-                .bind::<Text, _>(&self.lock_namespace)
-                .bind::<Integer, _>(i32::from(partition))
-                .get_result(conn)
-                .await
-                .map_err(Error::db("locking a partition"))?;
-        Ok(locked.flag)
-    }
-
-    /// Up to `limit` due rows of the partition in seq order.
+    /// Takes the partition's lock for the rest of the transaction and
+    /// returns up to `limit` due rows in seq order; empty when another relay
+    /// holds the partition (one owner per partition keeps per-key order).
     ///
     /// A key with a failed row still pending is held back: until that row
     /// is confirmed or parked, it is the only row of its key that goes out
     /// (alone, once its retry is due), so the key's later rows are never
-    /// published before it. Keys without failures are not slowed down.
-    pub(crate) async fn due_rows(
+    /// published before it. The SQL is `outbox_relay_claim` in the
+    /// migration, a function so its plan is cached per session.
+    pub(crate) async fn claim(
         &self,
         conn: &mut AsyncPgConnection,
         partition: i16,
         limit: u32,
     ) -> Result<Vec<PendingRow>> {
-        let table = self.table();
         diesel::sql_query(format!(
-            r#"WITH failing AS (
-                   -- The earliest failed row of each failing key (small: the
-                   -- outbox_messages_retrying index holds only failed rows).
-                   SELECT DISTINCT ON (ordering_key) ordering_key, key_seq, next_attempt_at
-                   FROM {table}
-                   WHERE "partition" = $1 AND published_at IS NULL AND parked_at IS NULL
-                     AND attempts > 0 AND ordering_key IS NOT NULL
-                   ORDER BY ordering_key, key_seq
-               )
-               SELECT seq, id, ordering_key, key_seq, exchange, routing_key, event_type, event_version,
-                      payload, headers, created_at, attempts
-               FROM {table} m
-               WHERE "partition" = $1 AND published_at IS NULL AND parked_at IS NULL
-                 AND next_attempt_at <= now()
-                 AND NOT EXISTS (
-                     SELECT 1 FROM failing f
-                     WHERE f.ordering_key = m.ordering_key
-                       AND (m.key_seq > f.key_seq OR f.next_attempt_at > now()))
-               ORDER BY seq
-               LIMIT $2"#
+            r#"SELECT * FROM "{}".outbox_relay_claim($1, $2, $3)"#,
+            self.schema
         ))
         .bind::<SmallInt, _>(partition)
-        .bind::<BigInt, _>(i64::from(limit))
+        .bind::<Integer, _>(i32::try_from(limit).unwrap_or(i32::MAX))
+        .bind::<Text, _>(&self.lock_namespace)
         .load(conn)
         .await
-        .map_err(Error::db("reading due rows"))
+        .map_err(Error::db("claiming due rows"))
     }
 
     /// Records confirmed rows: deleted, or stamped when kept for retention.
@@ -278,17 +246,15 @@ impl Store {
         if ids.is_empty() {
             return Ok(());
         }
-        let table = self.table();
-        let sql = if keep {
-            format!("UPDATE {table} SET published_at = now() WHERE id = ANY($1)")
-        } else {
-            format!("DELETE FROM {table} WHERE id = ANY($1)")
-        };
-        diesel::sql_query(sql)
-            .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
-            .execute(conn)
-            .await
-            .map_err(Error::db("marking rows published"))?;
+        diesel::sql_query(format!(
+            r#"SELECT "{}".outbox_relay_published($1, $2)"#,
+            self.schema
+        ))
+        .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+        .bind::<Bool, _>(keep)
+        .execute(conn)
+        .await
+        .map_err(Error::db("marking rows published"))?;
         Ok(())
     }
 

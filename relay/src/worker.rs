@@ -213,10 +213,8 @@ async fn process(
     conn.build_transaction()
         .read_committed()
         .run(async |conn| {
-            if !store.try_lock_partition(conn, partition).await? {
-                return Ok(Batch { rows: 0 }); // another relay works it now
-            }
-            let rows = store.due_rows(conn, partition, config.batch_size).await?;
+            // Empty also when another relay holds the partition now.
+            let rows = store.claim(conn, partition, config.batch_size).await?;
             if rows.is_empty() {
                 return Ok(Batch { rows: 0 });
             }
