@@ -28,6 +28,8 @@
 //!    runs in-process, so the figure includes the bench's own data), and,
 //!    when the `outbox-relay` binary is built with its `run` command, the
 //!    peak RSS of that sidecar draining the same backlog.
+//! 5. **NOTIFY cost**: enqueue commits/s of [`NOTIFY_PRODUCERS`] concurrent
+//!    connections with `outbox_settings.notify` on and off (no relay running).
 //!
 //! Every phase uses the same exchange and a transient queue, purged in
 //! between; the schema and the broker objects are removed at the end.
@@ -38,6 +40,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use diesel::connection::SimpleConnection;
 use diesel::{Connection, PgConnection};
 use futures_util::StreamExt;
 use lapin::options::{
@@ -172,21 +175,92 @@ async fn main() -> Result<()> {
         Err(skipped) => println!("    skipped: {skipped}"),
     }
 
+    // Runs without a relay, so the only difference is the NOTIFY itself.
+    let notify =
+        tokio::task::block_in_place(|| notify_cost(&schema, &outbox, &broker.exchange, &payload))?;
+    println!(
+        "\n[5] NOTIFY cost, {NOTIFY_PRODUCERS} connections committing one event per transaction for {} s each way:",
+        NOTIFY_RUN.as_secs()
+    );
+    println!(
+        "    notify on {:.0} commits/s, notify off {:.0} commits/s: on/off {:.2}",
+        notify.on,
+        notify.off,
+        notify.on / notify.off
+    );
+
     broker.delete().await?;
     drop(schema);
 
     println!(
         "\nrelay bench ({cores} cores): baseline {:.0} msg/s ({workers} channels: {:.0}), relay {:.0} msg/s, \
          ratio {ratio:.2}; latency p50 {:.1} ms p99 {:.1} ms; \
-         rss {} (bench process peak, relay in-process)",
+         rss {} (bench process peak, relay in-process); notify on/off {:.2}",
         baseline.rate(),
         parallel.rate(),
         relay.rate(),
         latency.p50_ms,
         latency.p99_ms,
         Memory::show(after.map(|m| m.hwm_kb)),
+        notify.on / notify.off,
     );
     Ok(())
+}
+
+/// Producer connections in the NOTIFY phase: many concurrent committers is
+/// where NOTIFY's commit-time lock shows.
+const NOTIFY_PRODUCERS: usize = 8;
+/// How long each half of the NOTIFY phase runs.
+const NOTIFY_RUN: Duration = Duration::from_secs(4);
+
+/// Commit rates with `outbox_settings.notify` on and off.
+struct NotifyCost {
+    on: f64,
+    off: f64,
+}
+
+/// Measures enqueue commits/s with NOTIFY on, then off, and empties the
+/// outbox afterwards. Each producer uses keys of its own, so key locks do
+/// not serialise them: only NOTIFY's commit-time queue lock can.
+fn notify_cost(
+    schema: &TestSchema,
+    outbox: &Outbox,
+    exchange: &str,
+    payload: &[u8],
+) -> Result<NotifyCost> {
+    let mut conn = schema.connect();
+    let mut rate = |notify: bool| -> Result<f64> {
+        conn.batch_execute(&format!("UPDATE outbox_settings SET notify = {notify}"))
+            .context("switching NOTIFY")?;
+        let commits: Vec<usize> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..NOTIFY_PRODUCERS)
+                .map(|producer| {
+                    scope.spawn(move || -> Result<usize> {
+                        let mut conn = schema.connect();
+                        let deadline = Instant::now() + NOTIFY_RUN;
+                        let mut done = 0;
+                        while Instant::now() < deadline {
+                            let message = event(exchange, producer * 1_000 + done % 10, payload)?;
+                            conn.transaction(|c| outbox.enqueue_message(c, &message))
+                                .context("enqueueing")?;
+                            done += 1;
+                        }
+                        Ok(done)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("producer thread"))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        Ok(commits.iter().sum::<usize>() as f64 / NOTIFY_RUN.as_secs_f64())
+    };
+    let on = rate(true)?;
+    let off = rate(false)?;
+    conn.batch_execute("UPDATE outbox_settings SET notify = true; DELETE FROM outbox_messages; DELETE FROM outbox_keys")
+        .context("emptying the outbox")?;
+    Ok(NotifyCost { on, off })
 }
 
 /// A body of exactly [`PAYLOAD_BYTES`] of JSON, padded with a string field.
