@@ -236,6 +236,33 @@ impl Store {
         .map_err(Error::db("claiming due rows"))
     }
 
+    /// Which of `partitions` have due rows: one statement of index probes,
+    /// so an idle relay's periodic scan costs one query per worker instead
+    /// of a transaction per partition.
+    pub(crate) async fn due_partitions(
+        &self,
+        conn: &mut AsyncPgConnection,
+        partitions: &[i16],
+    ) -> Result<Vec<i16>> {
+        #[derive(QueryableByName)]
+        struct Due {
+            #[diesel(sql_type = SmallInt)]
+            partition: i16,
+        }
+        let due: Vec<Due> = diesel::sql_query(format!(
+            r#"SELECT p AS "partition" FROM unnest($1::smallint[]) AS p
+               WHERE EXISTS (SELECT 1 FROM {} m
+                             WHERE m."partition" = p AND m.published_at IS NULL AND m.parked_at IS NULL
+                               AND m.next_attempt_at <= now())"#,
+            self.table()
+        ))
+        .bind::<Array<SmallInt>, _>(partitions)
+        .load(conn)
+        .await
+        .map_err(Error::db("finding partitions with due rows"))?;
+        Ok(due.into_iter().map(|d| d.partition).collect())
+    }
+
     /// Records confirmed rows: deleted, or stamped when kept for retention.
     pub(crate) async fn mark_published(
         &self,

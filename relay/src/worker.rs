@@ -116,7 +116,26 @@ pub(crate) async fn run(index: usize, partitions: Vec<i16>, wake: Arc<Wake>, sha
             rotation = (rotation + 1) % partitions.len().max(1);
             let mut all = partitions.clone();
             all.rotate_left(rotation);
-            all
+            match shared.store.due_partitions(conn, &all).await {
+                Ok(due) => {
+                    // Keep the rotated order; add any notified partitions too.
+                    let mut targets: Vec<i16> =
+                        all.into_iter().filter(|p| due.contains(p)).collect();
+                    for p in wake.take() {
+                        if !targets.contains(&p) {
+                            targets.push(p);
+                        }
+                    }
+                    targets
+                }
+                Err(e) => {
+                    warn!(worker = index, error = %e, "scan failed; reconnecting");
+                    wake.rescan.store(true, Ordering::Relaxed);
+                    db = None;
+                    failed = true;
+                    continue;
+                }
+            }
         } else {
             wake.take()
         };
