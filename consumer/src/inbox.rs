@@ -1,0 +1,290 @@
+//! The per-message transaction: dedupe by message id and keep per-key
+//! order, with the handler's writes in the same transaction.
+
+use std::time::Duration;
+
+use diesel::sql_types::{BigInt, Nullable, Text};
+use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
+use uuid::Uuid;
+
+use crate::sequence::{Position, position};
+use crate::{Error, Result};
+
+/// What a handler tells the inbox when it does not succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandlerError {
+    /// Try again later (the transaction is rolled back; nothing is recorded).
+    Retry {
+        /// How long to wait first; `None` leaves it to the retry policy.
+        after: Option<Duration>,
+        /// Why, for logs and the dead letter after the last attempt.
+        reason: String,
+    },
+    /// Give up on this message for good: recorded as discarded, and its key
+    /// moves past it so later messages of the key are not stuck.
+    Discard(String),
+}
+
+/// One delivery, as the inbox needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Incoming<'a> {
+    /// The AMQP `message_id`.
+    pub message_id: Uuid,
+    /// `x-ordering-key` and `x-key-seq`, when the message is ordered.
+    pub key: Option<(&'a str, i64)>,
+}
+
+/// What to do with a message that is ahead of its key (`key_seq` beyond
+/// the next one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AheadPolicy {
+    /// Apply it: gaps are events this consumer does not bind (or parked
+    /// ones). Right for consumers bound to some of a key's event types.
+    #[default]
+    Apply,
+    /// Do not apply it yet: the caller holds the delivery until the missing
+    /// ones arrive (or its own timeout). For consumers bound to every event
+    /// type of their keys.
+    Hold,
+}
+
+/// What became of a delivery. Every variant but [`Applied::Held`] and
+/// [`Applied::Retry`] means: ack it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// The handler ran and its writes committed with the dedupe row.
+    Applied,
+    /// Already applied (or discarded) by this consumer: nothing ran.
+    Duplicate,
+    /// Ahead of its key under [`AheadPolicy::Hold`]: nothing ran or was
+    /// written; hold the delivery and offer it again later.
+    Held {
+        /// The key's last applied sequence number.
+        last: i64,
+    },
+    /// Older than its key's position, yet never applied: a late message.
+    /// Nothing ran or was written; the caller applies its late policy
+    /// (dead-letter it, with the reason, and count it).
+    Late {
+        /// The key's last applied sequence number.
+        last: i64,
+    },
+    /// The handler asked to retry; everything was rolled back.
+    Retry {
+        /// The handler's requested delay.
+        after: Option<Duration>,
+        /// The handler's reason.
+        reason: String,
+    },
+    /// The handler discarded it; recorded, and the key moved past it.
+    Discarded(String),
+}
+
+/// The inbox of one consumer name in one schema.
+#[derive(Debug, Clone)]
+pub struct Inbox {
+    consumer: String,
+    keys_table: String,
+    messages_table: String,
+}
+
+#[derive(QueryableByName)]
+struct LastSeq {
+    #[diesel(sql_type = BigInt)]
+    last_seq: i64,
+}
+
+#[derive(QueryableByName)]
+struct Inserted {
+    #[diesel(sql_type = BigInt)]
+    #[allow(dead_code)] // only its presence matters
+    one: i64,
+}
+
+/// How the handler's savepoint ended.
+enum Handled {
+    Handler(HandlerError),
+    Database(diesel::result::Error),
+}
+
+impl From<diesel::result::Error> for Handled {
+    fn from(e: diesel::result::Error) -> Self {
+        Handled::Database(e)
+    }
+}
+
+/// Why a transaction ended without committing.
+enum Abort {
+    Outcome(Applied),
+    Database(diesel::result::Error),
+}
+
+impl From<diesel::result::Error> for Abort {
+    fn from(e: diesel::result::Error) -> Self {
+        Abort::Database(e)
+    }
+}
+
+impl Inbox {
+    /// The inbox of consumer `name` in the schema the migrations installed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for an empty or over-long name or a bad schema.
+    pub fn new(name: &str, schema: &str) -> Result<Self> {
+        if name.is_empty() || name.len() > 255 {
+            return Err(Error::Config {
+                field: "consumer name",
+                reason: format!("must be 1 to 255 bytes, got {} bytes", name.len()),
+            });
+        }
+        outbox::Outbox::new(outbox::Config {
+            schema: schema.to_owned(),
+            ..outbox::Config::default()
+        })
+        .map_err(|e| Error::Config {
+            field: "schema",
+            reason: e.to_string(),
+        })?;
+        Ok(Inbox {
+            consumer: name.to_owned(),
+            keys_table: format!(r#""{schema}".inbox_keys"#),
+            messages_table: format!(r#""{schema}".inbox_messages"#),
+        })
+    }
+
+    /// Handles one delivery in one transaction: locks the key's position,
+    /// records the message id (a conflict means duplicate), checks the key
+    /// sequence, runs `handler` on the same connection, moves the key, and
+    /// commits. The handler's writes commit if and only if the dedupe row
+    /// does, so a message's effects commit at most once per consumer name.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] when a statement fails; everything is rolled back
+    /// and the delivery should be retried.
+    pub fn apply<F>(
+        &self,
+        conn: &mut PgConnection,
+        message: Incoming<'_>,
+        ahead: AheadPolicy,
+        handler: F,
+    ) -> Result<Applied>
+    where
+        F: FnOnce(&mut PgConnection) -> std::result::Result<(), HandlerError>,
+    {
+        let result = conn.transaction::<Applied, Abort, _>(|conn| {
+            // The key's row lock orders handlers of one key, across threads
+            // and instances: a newcomer waits here, then sees the true position.
+            let last = match message.key {
+                Some((key, _)) => Some(self.lock_key(conn, key)?),
+                None => None,
+            };
+            if !self.record(conn, message, "applied")? {
+                return Err(Abort::Outcome(Applied::Duplicate));
+            }
+            if let (Some(last), Some((_, seq))) = (last, message.key) {
+                match position(last, seq) {
+                    Position::Next => {}
+                    Position::Ahead { .. } if ahead == AheadPolicy::Apply => {}
+                    Position::Ahead { .. } => return Err(Abort::Outcome(Applied::Held { last })),
+                    Position::Behind { last } => {
+                        return Err(Abort::Outcome(Applied::Late { last }));
+                    }
+                }
+            }
+            // The handler runs inside a savepoint, so a discard can undo its
+            // writes and still commit the discard with the key's move.
+            let handled =
+                conn.transaction::<(), Handled, _>(|conn| handler(conn).map_err(Handled::Handler));
+            match handled {
+                Ok(()) => {
+                    self.move_key(conn, message)?;
+                    Ok(Applied::Applied)
+                }
+                Err(Handled::Handler(HandlerError::Retry { after, reason })) => {
+                    Err(Abort::Outcome(Applied::Retry { after, reason }))
+                }
+                Err(Handled::Handler(HandlerError::Discard(reason))) => {
+                    self.mark_discarded(conn, message)?;
+                    self.move_key(conn, message)?;
+                    Ok(Applied::Discarded(reason))
+                }
+                Err(Handled::Database(e)) => Err(Abort::Database(e)),
+            }
+        });
+        match result {
+            Ok(applied) => Ok(applied),
+            Err(Abort::Outcome(outcome)) => Ok(outcome),
+            Err(Abort::Database(cause)) => Err(Error::Database {
+                operation: "applying a message",
+                cause,
+            }),
+        }
+    }
+
+    fn mark_discarded(
+        &self,
+        conn: &mut PgConnection,
+        message: Incoming<'_>,
+    ) -> diesel::QueryResult<()> {
+        diesel::sql_query(format!(
+            "UPDATE {t} SET outcome = 'discarded' WHERE consumer = $1 AND message_id = $2",
+            t = self.messages_table
+        ))
+        .bind::<Text, _>(&self.consumer)
+        .bind::<diesel::sql_types::Uuid, _>(message.message_id)
+        .execute(conn)?;
+        Ok(())
+    }
+
+    /// Creates the key's row if new, locks it, and returns its position.
+    fn lock_key(&self, conn: &mut PgConnection, key: &str) -> diesel::QueryResult<i64> {
+        let row: LastSeq = diesel::sql_query(format!(
+            "INSERT INTO {t} AS k (consumer, ordering_key, last_seq) VALUES ($1, $2, 0)
+             ON CONFLICT (consumer, ordering_key) DO UPDATE SET last_seq = k.last_seq
+             RETURNING k.last_seq",
+            t = self.keys_table
+        ))
+        .bind::<Text, _>(&self.consumer)
+        .bind::<Text, _>(key)
+        .get_result(conn)?;
+        Ok(row.last_seq)
+    }
+
+    /// Inserts the dedupe row; false when the id was already there.
+    fn record(
+        &self,
+        conn: &mut PgConnection,
+        message: Incoming<'_>,
+        outcome: &str,
+    ) -> diesel::QueryResult<bool> {
+        let inserted: Vec<Inserted> = diesel::sql_query(format!(
+            "INSERT INTO {t} (consumer, message_id, ordering_key, key_seq, outcome)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING 1::bigint AS one",
+            t = self.messages_table
+        ))
+        .bind::<Text, _>(&self.consumer)
+        .bind::<diesel::sql_types::Uuid, _>(message.message_id)
+        .bind::<Nullable<Text>, _>(message.key.map(|k| k.0))
+        .bind::<Nullable<BigInt>, _>(message.key.map(|k| k.1))
+        .bind::<Text, _>(outcome)
+        .load(conn)?;
+        Ok(!inserted.is_empty())
+    }
+
+    fn move_key(&self, conn: &mut PgConnection, message: Incoming<'_>) -> diesel::QueryResult<()> {
+        if let Some((key, seq)) = message.key {
+            diesel::sql_query(format!(
+                "UPDATE {t} SET last_seq = GREATEST(last_seq, $3), updated_at = now()
+                 WHERE consumer = $1 AND ordering_key = $2",
+                t = self.keys_table
+            ))
+            .bind::<Text, _>(&self.consumer)
+            .bind::<Text, _>(key)
+            .bind::<BigInt, _>(seq)
+            .execute(conn)?;
+        }
+        Ok(())
+    }
+}
