@@ -138,10 +138,11 @@ impl Inbox {
                 reason: format!("must be 1 to 255 bytes, got {} bytes", name.len()),
             });
         }
-        outbox::Outbox::new(outbox::Config {
+        outbox::Config {
             schema: schema.to_owned(),
             ..outbox::Config::default()
-        })
+        }
+        .validate()
         .map_err(|e| Error::Config {
             field: "schema",
             reason: e.to_string(),

@@ -279,19 +279,18 @@ impl Outbox {
 /// Depth of diesel's transaction on a sync connection (0 when none is open).
 fn sync_depth(conn: &mut PgConnection) -> u32 {
     use diesel::connection::{AnsiTransactionManager, TransactionManager};
-    let status = AnsiTransactionManager::transaction_manager_status_mut(conn);
-    status
-        .transaction_depth()
-        .ok()
-        .flatten()
-        .map_or(0, |d| d.get())
+    depth(AnsiTransactionManager::transaction_manager_status_mut(conn))
 }
 
 /// Depth of diesel-async's transaction (0 when none is open).
 #[cfg(feature = "async")]
 fn async_depth(conn: &mut diesel_async::AsyncPgConnection) -> u32 {
     use diesel_async::{AnsiTransactionManager, TransactionManager};
-    let status = AnsiTransactionManager::transaction_manager_status_mut(conn);
+    depth(AnsiTransactionManager::transaction_manager_status_mut(conn))
+}
+
+/// Both connections keep diesel's own transaction status.
+fn depth(status: &mut diesel::connection::TransactionManagerStatus) -> u32 {
     status
         .transaction_depth()
         .ok()

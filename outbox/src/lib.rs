@@ -65,7 +65,9 @@ pub use error::{Error, Result};
 pub use event::Event;
 pub use message::{Message, MessageBuilder};
 pub use migrate::migrate;
-pub use validate::{MAX_NAME_BYTES, RESERVED_HEADERS};
+pub use validate::{
+    EVENT_VERSION_HEADER, KEY_SEQ_HEADER, MAX_NAME_BYTES, ORDERING_KEY_HEADER, RESERVED_HEADERS,
+};
 
 // The README's Rust examples are compiled and run as doctests, so the front
 // door never shows code that does not build.

@@ -10,8 +10,15 @@ use crate::{Error, Result};
 /// bytes: the AMQP short-string limit.
 pub const MAX_NAME_BYTES: usize = 255;
 
+/// Header carrying the ordering key on the wire.
+pub const ORDERING_KEY_HEADER: &str = "x-ordering-key";
+/// Header carrying the per-key sequence number on the wire.
+pub const KEY_SEQ_HEADER: &str = "x-key-seq";
+/// Header carrying the payload's schema version on the wire.
+pub const EVENT_VERSION_HEADER: &str = "x-event-version";
+
 /// Header names the relay sets from the message's columns; users cannot set them.
-pub const RESERVED_HEADERS: &[&str] = &["x-ordering-key", "x-key-seq", "x-event-version"];
+pub const RESERVED_HEADERS: &[&str] = &[ORDERING_KEY_HEADER, KEY_SEQ_HEADER, EVENT_VERSION_HEADER];
 
 fn name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':')

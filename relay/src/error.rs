@@ -39,9 +39,6 @@ pub enum Error {
         /// The lapin error.
         cause: lapin::Error,
     },
-    /// Applying the outbox migrations failed.
-    #[error("{0}")]
-    Outbox(outbox::Error),
     /// The outbox tables are missing: the migrations were not applied.
     #[error(
         "the outbox tables are not installed in schema {schema}: run `outbox-relay migrate` (or outbox::migrate) first"

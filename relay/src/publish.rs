@@ -179,10 +179,14 @@ impl Publisher {
         let mut outcomes = Vec::with_capacity(rows.len());
         let mut confirms = confirms.into_iter();
         for row in rows {
+            // Nearly every batch has no returns: format the id only when needed.
+            let was_returned = if returned.is_empty() {
+                None
+            } else {
+                returned.remove(&row.id.to_string())
+            };
             let outcome = match confirms.next() {
-                _ if returned.contains_key(&row.id.to_string()) => {
-                    Outcome::Refused(returned.remove(&row.id.to_string()).unwrap_or_default())
-                }
+                _ if was_returned.is_some() => Outcome::Refused(was_returned.unwrap_or_default()),
                 Some(Ok(Confirmation::Ack(_))) => Outcome::Confirmed { latency },
                 Some(Ok(Confirmation::Nack(_))) => {
                     Outcome::Refused("nacked by the broker".to_owned())

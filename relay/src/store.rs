@@ -171,6 +171,11 @@ pub struct Store {
     schema: String,
     // Advisory lock namespace: the partition locks of this schema.
     lock_namespace: String,
+    // Schema-qualified names and the per-batch statements, built once: the
+    // worker runs them for every batch.
+    table: String,
+    claim_sql: String,
+    published_sql: String,
 }
 
 impl Store {
@@ -179,11 +184,14 @@ impl Store {
         Store {
             schema: schema.to_owned(),
             lock_namespace: format!("outbox_relay.{schema}"),
+            table: format!(r#""{schema}".outbox_messages"#),
+            claim_sql: format!(r#"SELECT * FROM "{schema}".outbox_relay_claim($1, $2, $3)"#),
+            published_sql: format!(r#"SELECT "{schema}".outbox_relay_published($1, $2)"#),
         }
     }
 
-    fn table(&self) -> String {
-        format!(r#""{}".outbox_messages"#, self.schema)
+    fn table(&self) -> &str {
+        &self.table
     }
 
     /// The settings row, or [`Error::NotMigrated`] when the tables are missing.
@@ -224,16 +232,13 @@ impl Store {
         partition: i16,
         limit: u32,
     ) -> Result<Vec<PendingRow>> {
-        diesel::sql_query(format!(
-            r#"SELECT * FROM "{}".outbox_relay_claim($1, $2, $3)"#,
-            self.schema
-        ))
-        .bind::<SmallInt, _>(partition)
-        .bind::<Integer, _>(i32::try_from(limit).unwrap_or(i32::MAX))
-        .bind::<Text, _>(&self.lock_namespace)
-        .load(conn)
-        .await
-        .map_err(Error::db("claiming due rows"))
+        diesel::sql_query(self.claim_sql.as_str())
+            .bind::<SmallInt, _>(partition)
+            .bind::<Integer, _>(i32::try_from(limit).unwrap_or(i32::MAX))
+            .bind::<Text, _>(&self.lock_namespace)
+            .load(conn)
+            .await
+            .map_err(Error::db("claiming due rows"))
     }
 
     /// Which of `partitions` have due rows: one statement of index probes,
@@ -273,15 +278,12 @@ impl Store {
         if ids.is_empty() {
             return Ok(());
         }
-        diesel::sql_query(format!(
-            r#"SELECT "{}".outbox_relay_published($1, $2)"#,
-            self.schema
-        ))
-        .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
-        .bind::<Bool, _>(keep)
-        .execute(conn)
-        .await
-        .map_err(Error::db("marking rows published"))?;
+        diesel::sql_query(self.published_sql.as_str())
+            .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+            .bind::<Bool, _>(keep)
+            .execute(conn)
+            .await
+            .map_err(Error::db("marking rows published"))?;
         Ok(())
     }
 

@@ -13,12 +13,8 @@ use serde_json::Value;
 
 use crate::store::PendingRow;
 
-/// Header carrying the ordering key.
-pub const ORDERING_KEY_HEADER: &str = "x-ordering-key";
-/// Header carrying the per-key sequence number (a 64-bit integer).
-pub const KEY_SEQ_HEADER: &str = "x-key-seq";
-/// Header carrying the payload's schema version (a 32-bit integer).
-pub const EVENT_VERSION_HEADER: &str = "x-event-version";
+// The names are the outbox's: enqueue refuses them as user headers.
+pub use outbox::{EVENT_VERSION_HEADER, KEY_SEQ_HEADER, ORDERING_KEY_HEADER};
 
 /// The AMQP properties and headers of a row.
 pub fn properties(row: &PendingRow, app_id: Option<&str>) -> BasicProperties {

@@ -32,11 +32,16 @@ pub(crate) struct Wake {
 impl Wake {
     /// Marks a partition as having new rows and wakes the worker.
     pub(crate) fn partition(&self, partition: i16) {
+        self.mark(partition);
+        self.notify.notify_one();
+    }
+
+    /// Marks a partition for the worker's next round, without waking it.
+    fn mark(&self, partition: i16) {
         self.dirty
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(partition);
-        self.notify.notify_one();
     }
 
     /// Asks for a scan of every partition (notifications may be lost).
@@ -158,10 +163,7 @@ pub(crate) async fn run(index: usize, partitions: Vec<i16>, wake: Arc<Wake>, sha
                     backoff = config.retry.reconnect_delays();
                     if batch.rows >= config.batch_size as usize {
                         // A full batch: there is probably more; go again at once.
-                        wake.dirty
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(partition);
+                        wake.mark(partition);
                         more = true;
                     }
                 }
