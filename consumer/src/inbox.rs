@@ -80,6 +80,50 @@ pub enum Applied {
     Discarded(String),
 }
 
+/// How a message was settled without its handler running, as recorded in
+/// `inbox_messages.outcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Sent to the consumer's dead-letter queue; a replay may still apply it.
+    DeadLettered,
+    /// Acknowledged without a handler (an unknown type under the ignore policy).
+    Ignored,
+}
+
+impl Settled {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Settled::DeadLettered => "dead-lettered",
+            Settled::Ignored => "ignored",
+        }
+    }
+}
+
+/// The outcome for a message that must not run now (held or late), given
+/// its key's position `last`; `None` when its handler runs.
+pub(crate) fn out_of_turn(
+    last: Option<i64>,
+    message: Incoming<'_>,
+    check: Check,
+) -> Option<Applied> {
+    let (Some(last), Some((_, seq)), Check::Order(ahead)) = (last, message.key, check) else {
+        return None;
+    };
+    match position(last, seq) {
+        Position::Next => None,
+        Position::Ahead { .. } if ahead == AheadPolicy::Apply => None,
+        Position::Ahead { .. } => Some(Applied::Held { last }),
+        Position::Behind { last } => Some(Applied::Late { last }),
+    }
+}
+
+/// Which sequence check a message gets.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Check {
+    Order(AheadPolicy),
+    None,
+}
+
 /// The inbox of one consumer name in one schema.
 #[derive(Debug, Clone)]
 pub struct Inbox {
@@ -89,20 +133,20 @@ pub struct Inbox {
 }
 
 #[derive(QueryableByName)]
-struct LastSeq {
+pub(crate) struct LastSeq {
     #[diesel(sql_type = BigInt)]
-    last_seq: i64,
+    pub(crate) last_seq: i64,
 }
 
 #[derive(QueryableByName)]
-struct Inserted {
+pub(crate) struct Inserted {
     #[diesel(sql_type = BigInt)]
     #[allow(dead_code)] // only its presence matters
     one: i64,
 }
 
 /// How the handler's savepoint ended.
-enum Handled {
+pub(crate) enum Handled {
     Handler(HandlerError),
     Database(diesel::result::Error),
 }
@@ -114,7 +158,7 @@ impl From<diesel::result::Error> for Handled {
 }
 
 /// Why a transaction ended without committing.
-enum Abort {
+pub(crate) enum Abort {
     Outcome(Applied),
     Database(diesel::result::Error),
 }
@@ -174,6 +218,70 @@ impl Inbox {
     where
         F: FnOnce(&mut PgConnection) -> std::result::Result<(), HandlerError>,
     {
+        self.run(conn, message, Check::Order(ahead), handler)
+    }
+
+    /// Like [`Inbox::apply`], but without the sequence check: for a message
+    /// an operator chose to apply anyway (a replayed dead letter, or a late
+    /// message under an apply-late policy). A message id recorded as
+    /// dead-lettered may be applied this way; one applied or discarded is
+    /// still a [`Applied::Duplicate`]. The key's position never moves back.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] as for [`Inbox::apply`].
+    pub fn apply_unordered<F>(
+        &self,
+        conn: &mut PgConnection,
+        message: Incoming<'_>,
+        handler: F,
+    ) -> Result<Applied>
+    where
+        F: FnOnce(&mut PgConnection) -> std::result::Result<(), HandlerError>,
+    {
+        self.run(conn, message, Check::None, handler)
+    }
+
+    /// Records a message this consumer gives up on without running a
+    /// handler (dead-lettered, or ignored as an unknown type) and moves its
+    /// key past it, so later messages of the key are not held behind it.
+    /// Returns false when the id was already recorded (nothing changed).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] when a statement fails; nothing was recorded.
+    pub fn settle(
+        &self,
+        conn: &mut PgConnection,
+        message: Incoming<'_>,
+        outcome: Settled,
+    ) -> Result<bool> {
+        conn.transaction::<bool, diesel::result::Error, _>(|conn| {
+            if let Some((key, _)) = message.key {
+                self.lock_key(conn, key)?;
+            }
+            if !self.record(conn, message, outcome.as_str(), false)? {
+                return Ok(false);
+            }
+            self.move_key(conn, message)?;
+            Ok(true)
+        })
+        .map_err(|cause| Error::Database {
+            operation: "recording a settled message",
+            cause,
+        })
+    }
+
+    fn run<F>(
+        &self,
+        conn: &mut PgConnection,
+        message: Incoming<'_>,
+        check: Check,
+        handler: F,
+    ) -> Result<Applied>
+    where
+        F: FnOnce(&mut PgConnection) -> std::result::Result<(), HandlerError>,
+    {
         let result = conn.transaction::<Applied, Abort, _>(|conn| {
             // The key's row lock orders handlers of one key, across threads
             // and instances: a newcomer waits here, then sees the true position.
@@ -181,18 +289,12 @@ impl Inbox {
                 Some((key, _)) => Some(self.lock_key(conn, key)?),
                 None => None,
             };
-            if !self.record(conn, message, "applied")? {
+            let revive = matches!(check, Check::None);
+            if !self.record(conn, message, "applied", revive)? {
                 return Err(Abort::Outcome(Applied::Duplicate));
             }
-            if let (Some(last), Some((_, seq))) = (last, message.key) {
-                match position(last, seq) {
-                    Position::Next => {}
-                    Position::Ahead { .. } if ahead == AheadPolicy::Apply => {}
-                    Position::Ahead { .. } => return Err(Abort::Outcome(Applied::Held { last })),
-                    Position::Behind { last } => {
-                        return Err(Abort::Outcome(Applied::Late { last }));
-                    }
-                }
+            if let Some(outcome) = out_of_turn(last, message, check) {
+                return Err(Abort::Outcome(outcome));
             }
             // The handler runs inside a savepoint, so a discard can undo its
             // writes and still commit the discard with the key's move.
@@ -214,78 +316,124 @@ impl Inbox {
                 Err(Handled::Database(e)) => Err(Abort::Database(e)),
             }
         });
-        match result {
-            Ok(applied) => Ok(applied),
-            Err(Abort::Outcome(outcome)) => Ok(outcome),
-            Err(Abort::Database(cause)) => Err(Error::Database {
-                operation: "applying a message",
-                cause,
-            }),
-        }
+        finish(result)
     }
+}
 
+/// A transaction's result as the caller sees it.
+pub(crate) fn finish(result: std::result::Result<Applied, Abort>) -> Result<Applied> {
+    match result {
+        Ok(applied) => Ok(applied),
+        Err(Abort::Outcome(outcome)) => Ok(outcome),
+        Err(Abort::Database(cause)) => Err(Error::Database {
+            operation: "applying a message",
+            cause,
+        }),
+    }
+}
+
+impl Inbox {
     fn mark_discarded(
         &self,
         conn: &mut PgConnection,
         message: Incoming<'_>,
     ) -> diesel::QueryResult<()> {
-        diesel::sql_query(format!(
-            "UPDATE {t} SET outcome = 'discarded' WHERE consumer = $1 AND message_id = $2",
-            t = self.messages_table
-        ))
-        .bind::<Text, _>(&self.consumer)
-        .bind::<diesel::sql_types::Uuid, _>(message.message_id)
-        .execute(conn)?;
-        Ok(())
+        self.mark_discarded_query(message).execute(conn).map(|_| ())
     }
 
     /// Creates the key's row if new, locks it, and returns its position.
     fn lock_key(&self, conn: &mut PgConnection, key: &str) -> diesel::QueryResult<i64> {
-        let row: LastSeq = diesel::sql_query(format!(
+        Ok(self
+            .lock_key_query(key)
+            .get_result::<LastSeq>(conn)?
+            .last_seq)
+    }
+
+    /// Inserts the dedupe row; false when the id was already there. With
+    /// `revive`, a row recorded as dead-lettered is taken over instead.
+    fn record(
+        &self,
+        conn: &mut PgConnection,
+        message: Incoming<'_>,
+        outcome: &'static str,
+        revive: bool,
+    ) -> diesel::QueryResult<bool> {
+        let inserted: Vec<Inserted> = self.record_query(message, outcome, revive).load(conn)?;
+        Ok(!inserted.is_empty())
+    }
+
+    fn move_key(&self, conn: &mut PgConnection, message: Incoming<'_>) -> diesel::QueryResult<()> {
+        if let Some(query) = self.move_key_query(message) {
+            query.execute(conn)?;
+        }
+        Ok(())
+    }
+
+    // The statements, built once here for the sync and the async paths.
+
+    pub(crate) fn mark_discarded_query<'a>(&'a self, message: Incoming<'a>) -> Query<'a> {
+        diesel::sql_query(format!(
+            "UPDATE {t} SET outcome = 'discarded' WHERE consumer = $1 AND message_id = $2",
+            t = self.messages_table
+        ))
+        .into_boxed()
+        .bind::<Text, _>(self.consumer.as_str())
+        .bind::<diesel::sql_types::Uuid, _>(message.message_id)
+    }
+
+    pub(crate) fn lock_key_query<'a>(&'a self, key: &'a str) -> Query<'a> {
+        diesel::sql_query(format!(
             "INSERT INTO {t} AS k (consumer, ordering_key, last_seq) VALUES ($1, $2, 0)
              ON CONFLICT (consumer, ordering_key) DO UPDATE SET last_seq = k.last_seq
              RETURNING k.last_seq",
             t = self.keys_table
         ))
-        .bind::<Text, _>(&self.consumer)
+        .into_boxed()
+        .bind::<Text, _>(self.consumer.as_str())
         .bind::<Text, _>(key)
-        .get_result(conn)?;
-        Ok(row.last_seq)
     }
 
-    /// Inserts the dedupe row; false when the id was already there.
-    fn record(
-        &self,
-        conn: &mut PgConnection,
-        message: Incoming<'_>,
-        outcome: &str,
-    ) -> diesel::QueryResult<bool> {
-        let inserted: Vec<Inserted> = diesel::sql_query(format!(
-            "INSERT INTO {t} (consumer, message_id, ordering_key, key_seq, outcome)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING 1::bigint AS one",
+    pub(crate) fn record_query<'a>(
+        &'a self,
+        message: Incoming<'a>,
+        outcome: &'static str,
+        revive: bool,
+    ) -> Query<'a> {
+        let conflict = if revive {
+            "ON CONFLICT (consumer, message_id) DO UPDATE SET outcome = EXCLUDED.outcome,
+                 processed_at = now() WHERE m.outcome = 'dead-lettered'"
+        } else {
+            "ON CONFLICT DO NOTHING"
+        };
+        diesel::sql_query(format!(
+            "INSERT INTO {t} AS m (consumer, message_id, ordering_key, key_seq, outcome)
+             VALUES ($1, $2, $3, $4, $5) {conflict} RETURNING 1::bigint AS one",
             t = self.messages_table
         ))
-        .bind::<Text, _>(&self.consumer)
+        .into_boxed()
+        .bind::<Text, _>(self.consumer.as_str())
         .bind::<diesel::sql_types::Uuid, _>(message.message_id)
         .bind::<Nullable<Text>, _>(message.key.map(|k| k.0))
         .bind::<Nullable<BigInt>, _>(message.key.map(|k| k.1))
         .bind::<Text, _>(outcome)
-        .load(conn)?;
-        Ok(!inserted.is_empty())
     }
 
-    fn move_key(&self, conn: &mut PgConnection, message: Incoming<'_>) -> diesel::QueryResult<()> {
-        if let Some((key, seq)) = message.key {
+    pub(crate) fn move_key_query<'a>(&'a self, message: Incoming<'a>) -> Option<Query<'a>> {
+        let (key, seq) = message.key?;
+        Some(
             diesel::sql_query(format!(
                 "UPDATE {t} SET last_seq = GREATEST(last_seq, $3), updated_at = now()
                  WHERE consumer = $1 AND ordering_key = $2",
                 t = self.keys_table
             ))
-            .bind::<Text, _>(&self.consumer)
+            .into_boxed()
+            .bind::<Text, _>(self.consumer.as_str())
             .bind::<Text, _>(key)
-            .bind::<BigInt, _>(seq)
-            .execute(conn)?;
-        }
-        Ok(())
+            .bind::<BigInt, _>(seq),
+        )
     }
 }
+
+/// A statement with its parameters, runnable by diesel and diesel-async.
+pub(crate) type Query<'a> =
+    diesel::query_builder::BoxedSqlQuery<'a, diesel::pg::Pg, diesel::query_builder::SqlQuery>;

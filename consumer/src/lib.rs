@@ -1,19 +1,93 @@
 //! The idempotent consumer: handlers that apply each message once per
-//! consumer name, in order per key.
+//! consumer name, in order per key, on RabbitMQ.
 //!
-//! Built so far: the per-message transaction ([`Inbox::apply`]) and the
-//! sequence decision ([`sequence`]). The RabbitMQ side (topology, lanes,
-//! acks, dead letters) is to come (issue 4).
+//! ```no_run
+//! use consumer::{Consumer, ConsumerConfig, Envelope, HandlerError};
+//! use diesel::PgConnection;
+//! use serde::Deserialize;
+//!
+//! #[derive(Deserialize)]
+//! struct OrderSubmitted {
+//!     order_id: uuid::Uuid,
+//!     total_cents: i64,
+//! }
+//!
+//! fn charge(conn: &mut PgConnection, e: Envelope<OrderSubmitted>) -> Result<(), HandlerError> {
+//!     // Write with `conn`: it is the inbox's transaction, so the charge
+//!     // commits together with the record that this message was applied.
+//!     let _ = (conn, e.event.order_id, e.event.total_cents);
+//!     Ok(())
+//! }
+//!
+//! # async fn run() -> Result<(), consumer::Error> {
+//! let config = ConsumerConfig::new(
+//!     "billing",
+//!     "postgres://postgres@127.0.0.1:5432/test",
+//!     "amqp://guest:guest@127.0.0.1:5672/%2f",
+//! );
+//! let consumer = Consumer::builder(config)
+//!     .handle("order", "order.*.submitted", charge)
+//!     .build()?;
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! consumer.run(shutdown).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Each delivery runs in one database transaction: lock the key's position
+//! row, record the message id (a second delivery of it is a duplicate: acked,
+//! handler not run), check its `x-key-seq` against the key's position, run
+//! the handler on the same connection, commit, and only then ack.
+//! Deliveries of one key run one at a time, lowest sequence first; keys run
+//! side by side on `lanes` connections. A retry waits inside its key while
+//! other keys go on; after the last attempt, or at once for a body that
+//! does not deserialize, the message goes to the dead-letter queue with the
+//! reason in headers, and its key moves on.
 //!
 //! # Layout
 //!
+//! - [`consumer`](mod@consumer): [`Consumer`], its builder and its run loop.
+//! - [`config`]: [`ConsumerConfig`] and its policies.
 //! - [`inbox`]: [`Inbox`], dedupe and key position in the handler's transaction.
-//! - [`sequence`]: where a `key_seq` stands against the key's position.
+//! - [`envelope`]: [`Envelope`] and [`Meta`], what a handler receives.
+//! - [`dead_letter`]: dead-letter headers and [`replay_dead_letters`].
+//! - [`sequence`], [`route`]: pure rules (key position, topic patterns).
+//! - `session`, `lane`, `schedule`: consuming, running one delivery,
+//!   choosing the next. `topology`, `members`: broker objects, queue sharing.
+//!
+//! # Features
+//!
+//! - `async`: [`ConsumerBuilder::handle_async`] for diesel-async handlers.
+//! - `trace-context` (default): the handler span continues the message's
+//!   W3C trace context (with `tracing-opentelemetry`).
 
+pub mod config;
+pub mod consumer;
+pub mod dead_letter;
+pub mod envelope;
+mod handler;
 pub mod inbox;
+#[cfg(feature = "async")]
+mod inbox_async;
+mod lane;
+mod members;
+pub mod route;
+mod schedule;
 pub mod sequence;
+mod session;
+mod stats;
+mod topology;
+mod trace;
 
-pub use inbox::{AheadPolicy, Applied, HandlerError, Inbox, Incoming};
+pub use config::{ConsumerConfig, GapPolicy, LatePolicy, UnknownPolicy};
+pub use consumer::{Consumer, ConsumerBuilder};
+pub use dead_letter::replay_dead_letters;
+pub use envelope::{Envelope, Meta};
+#[cfg(feature = "async")]
+pub use handler::BoxFuture;
+pub use handler::HandlerResult;
+pub use inbox::{AheadPolicy, Applied, HandlerError, Inbox, Incoming, Settled};
+pub use stats::Stats;
+pub use topology::HASH_HEADER;
 
 /// What can go wrong in the consumer.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +109,35 @@ pub enum Error {
         /// The diesel error.
         cause: diesel::result::Error,
     },
+    /// The database or broker could not be reached.
+    #[error("cannot connect to the {what} at {url}: {cause}")]
+    Connect {
+        /// `database` or `broker`.
+        what: &'static str,
+        /// The URL, password removed.
+        url: String,
+        /// Why.
+        cause: String,
+    },
+    /// The broker failed an operation (channel or connection lost, no confirm).
+    #[error("broker error while {operation}: {cause}")]
+    Broker {
+        /// What the consumer was doing.
+        operation: &'static str,
+        /// Why.
+        cause: String,
+    },
+    /// The broker refused one of the consumer's queues, exchanges or bindings.
+    #[error("the broker refused {object}: {reason}")]
+    Topology {
+        /// Which object.
+        object: String,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// A handler panicked; the transaction rolled back and the message is retried.
+    #[error("{0}")]
+    Handler(String),
 }
 
 /// `Result` with the consumer [`Error`] as its default error.

@@ -41,6 +41,7 @@
 //! - [`message`]: [`Message`], a validated message, and its builder.
 //! - [`enqueue`](mod@enqueue): [`Outbox`], writing messages in the caller's transaction.
 //! - [`migrate`](mod@migrate): the embedded SQL migrations and their ledger.
+//! - [`retry`]: [`RetryPolicy`], the backoff the relay and the consumer share.
 //! - `config`, `error`: [`Config`] and [`Error`].
 //! - `validate`, `trace`: field rules, and the W3C trace context of the current span.
 //!
@@ -56,6 +57,8 @@ mod error;
 pub mod event;
 pub mod message;
 pub mod migrate;
+mod redact;
+pub mod retry;
 mod trace;
 mod validate;
 
@@ -65,8 +68,11 @@ pub use error::{Error, Result};
 pub use event::Event;
 pub use message::{Message, MessageBuilder};
 pub use migrate::migrate;
+pub use redact::redact_url;
+pub use retry::RetryPolicy;
 pub use validate::{
-    EVENT_VERSION_HEADER, KEY_SEQ_HEADER, MAX_NAME_BYTES, ORDERING_KEY_HEADER, RESERVED_HEADERS,
+    EVENT_VERSION_HEADER, HASH_KEY_HEADER, KEY_SEQ_HEADER, MAX_NAME_BYTES, ORDERING_KEY_HEADER,
+    RESERVED_HEADERS,
 };
 
 // The README's Rust examples are compiled and run as doctests, so the front

@@ -25,12 +25,20 @@ pub struct Migration {
 
 /// Every migration, oldest first. Released migrations are never edited;
 /// changes come as new ones.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "outbox_tables",
-    up: include_str!("../../migrations/00001_outbox_tables/up.sql"),
-    down: include_str!("../../migrations/00001_outbox_tables/down.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "outbox_tables",
+        up: include_str!("../../migrations/00001_outbox_tables/up.sql"),
+        down: include_str!("../../migrations/00001_outbox_tables/down.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "consumer_members",
+        up: include_str!("../../migrations/00002_consumer_members/up.sql"),
+        down: include_str!("../../migrations/00002_consumer_members/down.sql"),
+    },
+];
 
 #[derive(QueryableByName)]
 struct Version {

@@ -17,6 +17,11 @@ pub const KEY_SEQ_HEADER: &str = "x-key-seq";
 /// Header carrying the payload's schema version on the wire.
 pub const EVENT_VERSION_HEADER: &str = "x-event-version";
 
+/// Header a consumer's consistent-hash exchange spreads messages by. The
+/// relay sets it to the ordering key; an unordered message keeps the
+/// producer's own `x-hash-key` if it set one, else gets its message id.
+pub const HASH_KEY_HEADER: &str = "x-hash-key";
+
 /// Header names the relay sets from the message's columns; users cannot set them.
 pub const RESERVED_HEADERS: &[&str] = &[ORDERING_KEY_HEADER, KEY_SEQ_HEADER, EVENT_VERSION_HEADER];
 

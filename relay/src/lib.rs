@@ -33,13 +33,12 @@ pub mod health;
 pub mod metrics;
 mod publish;
 mod relay;
-mod retry;
 pub mod store;
 pub mod wire;
 mod worker;
 
 pub use config::{RelayConfig, redact_url};
 pub use error::{Error, Result};
+pub use outbox::RetryPolicy;
 pub use relay::Relay;
-pub use retry::RetryPolicy;
 pub use store::{Selection, Store};

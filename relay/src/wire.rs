@@ -4,8 +4,8 @@
 //! Body: the event's JSON, unwrapped. Properties: `message_id`,
 //! `content_type` = `application/json`, `delivery_mode` = 2 (persistent),
 //! `timestamp`, `type`, `app_id`. Headers: `x-ordering-key`, `x-key-seq`,
-//! `x-event-version`, plus the row's headers (user headers, `traceparent`,
-//! `tracestate`).
+//! `x-event-version`, `x-hash-key` (the ordering key, else the message id),
+//! plus the row's headers (user headers, `traceparent`, `tracestate`).
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::store::PendingRow;
 
 // The names are the outbox's: enqueue refuses them as user headers.
-pub use outbox::{EVENT_VERSION_HEADER, KEY_SEQ_HEADER, ORDERING_KEY_HEADER};
+pub use outbox::{EVENT_VERSION_HEADER, HASH_KEY_HEADER, KEY_SEQ_HEADER, ORDERING_KEY_HEADER};
 
 /// The AMQP properties and headers of a row.
 pub fn properties(row: &PendingRow, app_id: Option<&str>) -> BasicProperties {
@@ -28,6 +28,18 @@ pub fn properties(row: &PendingRow, app_id: Option<&str>) -> BasicProperties {
         headers.insert(
             ORDERING_KEY_HEADER.into(),
             AMQPValue::LongString(LongString::from(key.as_str())),
+        );
+        // Consumers with partition queues hash on it: a key's messages
+        // must all reach one queue.
+        headers.insert(
+            HASH_KEY_HEADER.into(),
+            AMQPValue::LongString(LongString::from(key.as_str())),
+        );
+    } else if !headers.inner().contains_key(HASH_KEY_HEADER) {
+        // Unordered: spread by id, unless the producer chose a hash key.
+        headers.insert(
+            HASH_KEY_HEADER.into(),
+            AMQPValue::LongString(LongString::from(row.id.to_string())),
         );
     }
     if let Some(key_seq) = row.key_seq {
@@ -153,5 +165,29 @@ mod tests {
         let p = properties(&r, None);
         let h = p.headers().as_ref().unwrap().inner();
         assert!(!h.contains_key("x-ordering-key") && !h.contains_key("x-key-seq"));
+        assert_eq!(
+            h.get("x-hash-key"),
+            Some(&AMQPValue::LongString(r.id.to_string().into())),
+            "spread by id"
+        );
+    }
+
+    #[test]
+    fn the_hash_key_is_the_ordering_key_whatever_the_producer_set() {
+        let mut r = row();
+        r.headers = serde_json::json!({"x-hash-key": "mine"});
+        let p = properties(&r, None);
+        let h = p.headers().as_ref().unwrap().inner();
+        assert_eq!(
+            h.get("x-hash-key"),
+            Some(&AMQPValue::LongString("order-1".into()))
+        );
+        r.ordering_key = None;
+        let p = properties(&r, None);
+        let h = p.headers().as_ref().unwrap().inner();
+        assert_eq!(
+            h.get("x-hash-key"),
+            Some(&AMQPValue::LongString("mine".into()))
+        );
     }
 }

@@ -11,7 +11,7 @@ use common::{assert_per_key_order, config, enqueue_rounds, outbox_schema, start}
 use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text};
 use diesel::{Connection, QueryableByName, RunQueryDsl};
 use testkit::TestSchema;
-use testkit::amqp::{Received, TestTopology};
+use testkit::amqp::{Received, TestTopology, close_broker_connections};
 
 const KEYS: usize = 100;
 const PER_KEY: usize = 100;
@@ -85,32 +85,6 @@ async fn relay_aborted_mid_batch_then_restarted_delivers_everything() {
     second.stop().await;
     assert_everything_arrived(&received);
     assert_eq!(pending(&schema), 0);
-}
-
-/// Closes, from the broker's side, every connection whose client
-/// properties mention `marker`; returns how many.
-fn close_broker_connections(marker: &str) -> usize {
-    let listing = Command::new("rabbitmqctl")
-        .args(["list_connections", "pid", "client_properties", "-s"])
-        .output()
-        .expect("rabbitmqctl (the tests run beside the broker)");
-    let mut closed = 0;
-    for line in String::from_utf8_lossy(&listing.stdout).lines() {
-        if !line.contains(marker) {
-            continue;
-        }
-        let pid = line.split_whitespace().next().unwrap();
-        let status = Command::new("rabbitmqctl")
-            .args(["close_connection", pid, "closed by the test"])
-            .output()
-            .unwrap();
-        assert!(
-            status.status.success(),
-            "close_connection {pid}: {status:?}"
-        );
-        closed += 1;
-    }
-    closed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -200,3 +200,29 @@ impl TestTopology {
             .message_count()
     }
 }
+
+/// Closes, from the broker's side, every connection whose client
+/// properties mention `marker`; returns how many.
+pub fn close_broker_connections(marker: &str) -> usize {
+    let listing = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "client_properties", "-s"])
+        .output()
+        .expect("rabbitmqctl (the tests run beside the broker)");
+    let mut closed = 0;
+    for line in String::from_utf8_lossy(&listing.stdout).lines() {
+        if !line.contains(marker) {
+            continue;
+        }
+        let pid = line.split_whitespace().next().unwrap();
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "closed by the test"])
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "close_connection {pid}: {status:?}"
+        );
+        closed += 1;
+    }
+    closed
+}

@@ -1,12 +1,13 @@
-//! The retry policy: our own type, so the crate behind it (`backon`) stays
-//! an implementation detail.
+//! The retry policy shared by the relay (failed publishes, reconnects) and
+//! the consumer (handler retries, reconnects): our own type, so the crate
+//! behind it (`backon`) stays an implementation detail.
 
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-/// Exponential backoff with optional jitter, for failed publishes and for
-/// reconnecting to the database or broker.
+/// Exponential backoff with optional jitter, for failed publishes or
+/// handlers and for reconnecting to the database or broker.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetryPolicy {
     /// Delay before the first retry. Defaults to 1 s.
@@ -15,8 +16,8 @@ pub struct RetryPolicy {
     pub multiplier: f32,
     /// Longest delay between attempts. Defaults to 5 min.
     pub max_delay: Duration,
-    /// Publish attempts before a row is parked (the first attempt counts).
-    /// Defaults to 10.
+    /// Attempts before giving up (the first attempt counts): the relay parks
+    /// the row, the consumer dead-letters the message. Defaults to 10.
     pub max_attempts: u32,
     /// Whether to add up to one extra delay of random jitter, so many rows
     /// (or relays) failing together do not retry in lock step. Defaults to true.
@@ -46,13 +47,13 @@ impl RetryPolicy {
             .unwrap_or(self.max_delay)
     }
 
-    /// Whether a row that has now failed `attempts` times is parked.
+    /// Whether something that has now failed `attempts` times is given up on.
     pub fn exhausted(&self, attempts: u32) -> bool {
         attempts >= self.max_attempts
     }
 
     /// Delays for reconnecting: the same curve, never giving up.
-    pub(crate) fn reconnect_delays(&self) -> impl Iterator<Item = Duration> + use<> {
+    pub fn reconnect_delays(&self) -> impl Iterator<Item = Duration> + use<> {
         self.builder().without_max_times().build()
     }
 
@@ -68,8 +69,12 @@ impl RetryPolicy {
         }
     }
 
-    /// Checks every field; the message names the field.
-    pub(crate) fn validate(&self) -> Result<(), String> {
+    /// Checks every field.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the field that is wrong.
+    pub fn validate(&self) -> Result<(), String> {
         if self.initial.is_zero() {
             return Err("retry initial delay must be above 0".into());
         }

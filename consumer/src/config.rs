@@ -1,0 +1,277 @@
+//! Consumer settings, their defaults, and the names they give the broker
+//! objects.
+
+use std::time::Duration;
+
+use outbox::RetryPolicy;
+
+use crate::{Error, Result};
+
+/// What to do with a message whose key has a gap that did not fill within
+/// [`ConsumerConfig::gap_wait`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GapPolicy {
+    /// Apply it and move the key past the gap (the missing events may be
+    /// ones this consumer does not bind, or parked at the producer).
+    #[default]
+    Apply,
+    /// Dead-letter it; the key stays where it is.
+    DeadLetter,
+}
+
+/// What to do with a late message: older than its key's position, yet
+/// never applied (it lost a race, or was replayed by hand).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LatePolicy {
+    /// Dead-letter it with the reason; a replay applies it.
+    #[default]
+    DeadLetter,
+    /// Apply it anyway, out of order.
+    Apply,
+}
+
+/// What to do with a message no handler is registered for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnknownPolicy {
+    /// Dead-letter it, so nothing is lost if a handler was forgotten.
+    #[default]
+    DeadLetter,
+    /// Acknowledge it and record it as ignored (its key moves on).
+    Ignore,
+}
+
+/// How a consumer runs. Build with [`ConsumerConfig::new`] and adjust fields.
+#[derive(Clone)]
+pub struct ConsumerConfig {
+    /// The consumer's name: its queues, its inbox rows and its leases are
+    /// named after it. One per service (or per use within a service).
+    pub name: String,
+    /// PostgreSQL URL of the service's database (holding the inbox tables).
+    pub database_url: String,
+    /// RabbitMQ URL (`amqp://` or, with the `tls` feature, `amqps://`).
+    pub amqp_url: String,
+    /// Schema the migrations installed the inbox tables in. Defaults to `public`.
+    pub schema: String,
+    /// Partition queues. 1 (default): one queue, several instances fail
+    /// over. N > 1: a consistent-hash exchange spreads keys over N queues,
+    /// and live instances share the queues through leases in the database.
+    pub partitions: u16,
+    /// Unacknowledged deliveries per queue the broker sends ahead. Defaults to 256.
+    pub prefetch: u16,
+    /// Handlers running at once, each with its own database connection.
+    /// Defaults to 8.
+    pub lanes: usize,
+    /// Backoff for handler retries (the key waits, other keys go on) and
+    /// for reconnecting. After `max_attempts` the message is dead-lettered.
+    /// Defaults: 200 ms doubling to 30 s, 5 attempts, with jitter.
+    pub retry: RetryPolicy,
+    /// How long a message ahead of its key waits for the missing ones
+    /// before [`ConsumerConfig::after_gap`] applies. Defaults to 5 s. Set 0
+    /// for a consumer bound to only some of a key's event types: its gaps are
+    /// events it never receives.
+    pub gap_wait: Duration,
+    /// See [`GapPolicy`]. Defaults to apply.
+    pub after_gap: GapPolicy,
+    /// See [`LatePolicy`]. Defaults to dead-letter.
+    pub late: LatePolicy,
+    /// See [`UnknownPolicy`]. Defaults to dead-letter.
+    pub unknown: UnknownPolicy,
+    /// How long message ids are kept for dedupe. A duplicate arriving later
+    /// than this is applied again. Defaults to 7 days.
+    pub dedupe_retention: Duration,
+    /// How often expired message ids are pruned (in batches of 1,000).
+    /// Defaults to 1 min.
+    pub prune_interval: Duration,
+    /// How long an instance counts as alive after its last heartbeat, when
+    /// partitions > 1. Defaults to 10 s (heartbeats every third of it).
+    pub member_ttl: Duration,
+    /// How long shutdown waits for running handlers. Defaults to 30 s.
+    pub shutdown_timeout: Duration,
+    /// Declare the producers' exchanges (durable topic) if missing, so the
+    /// consumer can start before the producer. Defaults to true.
+    pub declare_exchanges: bool,
+}
+
+impl std::fmt::Debug for ConsumerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // URLs may hold passwords.
+        f.debug_struct("ConsumerConfig")
+            .field("name", &self.name)
+            .field("database_url", &outbox::redact_url(&self.database_url))
+            .field("amqp_url", &outbox::redact_url(&self.amqp_url))
+            .field("schema", &self.schema)
+            .field("partitions", &self.partitions)
+            .field("prefetch", &self.prefetch)
+            .field("lanes", &self.lanes)
+            .field("retry", &self.retry)
+            .field("gap_wait", &self.gap_wait)
+            .field("after_gap", &self.after_gap)
+            .field("late", &self.late)
+            .field("unknown", &self.unknown)
+            .field("dedupe_retention", &self.dedupe_retention)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConsumerConfig {
+    /// A consumer called `name` on these databases, with every default.
+    pub fn new(name: &str, database_url: &str, amqp_url: &str) -> Self {
+        ConsumerConfig {
+            name: name.to_owned(),
+            database_url: database_url.to_owned(),
+            amqp_url: amqp_url.to_owned(),
+            schema: "public".to_owned(),
+            partitions: 1,
+            prefetch: 256,
+            lanes: 8,
+            retry: RetryPolicy {
+                initial: Duration::from_millis(200),
+                multiplier: 2.0,
+                max_delay: Duration::from_secs(30),
+                max_attempts: 5,
+                jitter: true,
+            },
+            gap_wait: Duration::from_secs(5),
+            after_gap: GapPolicy::Apply,
+            late: LatePolicy::DeadLetter,
+            unknown: UnknownPolicy::DeadLetter,
+            dedupe_retention: Duration::from_secs(7 * 24 * 3600),
+            prune_interval: Duration::from_secs(60),
+            member_ttl: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(30),
+            declare_exchanges: true,
+        }
+    }
+
+    /// Checks every field; the error names the one that is wrong.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`].
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &'static str, reason: String| Err(Error::Config { field, reason });
+        // Queue names are built from the name: keep them within AMQP's 255 bytes.
+        if self.name.is_empty()
+            || self.name.len() > 200
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return bad(
+                "name",
+                format!(
+                    "{:?} must be 1 to 200 characters of letters, digits, '-', '_' or '.'",
+                    self.name
+                ),
+            );
+        }
+        for (field, url, schemes) in [
+            (
+                "database_url",
+                &self.database_url,
+                &["postgres://", "postgresql://"][..],
+            ),
+            ("amqp_url", &self.amqp_url, &["amqp://", "amqps://"][..]),
+        ] {
+            if !schemes.iter().any(|s| url.starts_with(s)) {
+                return bad(
+                    field,
+                    format!(
+                        "{} must start with {}",
+                        outbox::redact_url(url),
+                        schemes.join(" or ")
+                    ),
+                );
+            }
+        }
+        if self.partitions == 0 || self.partitions > 1024 {
+            return bad(
+                "partitions",
+                format!("must be 1 to 1024, got {}", self.partitions),
+            );
+        }
+        if self.prefetch == 0 {
+            return bad("prefetch", "must be at least 1".into());
+        }
+        if self.lanes == 0 || self.lanes > 256 {
+            return bad("lanes", format!("must be 1 to 256, got {}", self.lanes));
+        }
+        self.retry
+            .validate()
+            .or_else(|reason| bad("retry", reason))?;
+        if self.member_ttl < Duration::from_secs(1) {
+            return bad("member_ttl", "must be at least 1 s".into());
+        }
+        if self.prune_interval.is_zero() {
+            return bad("prune_interval", "must be above 0".into());
+        }
+        outbox::Config {
+            schema: self.schema.clone(),
+            ..outbox::Config::default()
+        }
+        .validate()
+        .map_err(|e| Error::Config {
+            field: "schema",
+            reason: e.to_string(),
+        })
+    }
+
+    /// The queue of partition `index` (the only queue when partitions = 1).
+    pub fn queue(&self, index: u16) -> String {
+        if self.partitions == 1 {
+            self.name.clone()
+        } else {
+            format!("{}.{index}", self.name)
+        }
+    }
+
+    /// The consistent-hash exchange feeding the partition queues (partitions > 1).
+    pub fn partition_exchange(&self) -> String {
+        format!("{}.partitions", self.name)
+    }
+
+    /// The dead-letter queue.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead-letters", self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ConsumerConfig {
+        ConsumerConfig::new("billing", "postgres://u:secret@db/x", "amqp://g:pw@mq")
+    }
+
+    #[test]
+    fn defaults_are_valid_and_names_follow_the_consumer() {
+        let mut c = config();
+        c.validate().unwrap();
+        assert_eq!(c.queue(0), "billing");
+        c.partitions = 4;
+        assert_eq!(c.queue(3), "billing.3");
+        assert_eq!(c.partition_exchange(), "billing.partitions");
+        assert_eq!(c.dead_letter_queue(), "billing.dead-letters");
+    }
+
+    #[test]
+    fn bad_fields_are_named_and_secrets_kept_out() {
+        let mut c = config();
+        c.name = "bill ing".into();
+        assert!(c.validate().unwrap_err().to_string().contains("name"));
+        let mut c = config();
+        c.amqp_url = "http://g:pw@mq".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("amqp_url") && !e.contains("pw"), "{e}");
+        let mut c = config();
+        c.lanes = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("lanes"));
+        let debug = format!("{:?}", config());
+        assert!(
+            !debug.contains("secret") && !debug.contains("pw"),
+            "{debug}"
+        );
+    }
+}

@@ -1,0 +1,291 @@
+//! What a handler receives, and how a delivery's properties and headers are
+//! read into it. A delivery that cannot be read is malformed: it is
+//! dead-lettered with the reason, never dropped.
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable};
+use outbox::{EVENT_VERSION_HEADER, KEY_SEQ_HEADER, ORDERING_KEY_HEADER};
+use uuid::Uuid;
+
+/// Header set on a replayed dead letter: apply it whatever its key's position.
+pub const REPLAY_HEADER: &str = "x-dead-letter-replay";
+
+/// Everything about a message but its body.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    /// The AMQP `message_id`: the event's id, the dedupe key.
+    pub message_id: Uuid,
+    /// `x-ordering-key`, when the event is ordered.
+    pub ordering_key: Option<String>,
+    /// `x-key-seq`: the event's number within its key, from 1.
+    pub key_seq: Option<i64>,
+    /// The AMQP `type` property (the event type), if set.
+    pub event_type: Option<String>,
+    /// `x-event-version`, if set.
+    pub event_version: Option<i64>,
+    /// The exchange it was published to.
+    pub exchange: String,
+    /// The routing key it was published with.
+    pub routing_key: String,
+    /// Whether the broker has delivered it before (to this or another consumer).
+    pub redelivered: bool,
+    /// Attempt number of this handling in this process, from 1.
+    pub attempt: u32,
+    /// Whether it is a replayed dead letter.
+    pub replayed: bool,
+    headers: FieldTable,
+}
+
+impl Meta {
+    /// A header's value, as sent.
+    pub fn header(&self, name: &str) -> Option<&AMQPValue> {
+        self.headers.inner().get(name)
+    }
+
+    /// A string header (`traceparent`, a user header).
+    pub fn header_str(&self, name: &str) -> Option<&str> {
+        match self.header(name)? {
+            AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+            AMQPValue::ShortString(s) => Some(s.as_str()),
+            _ => None,
+        }
+    }
+
+    /// The key and its sequence number, as the inbox takes them.
+    pub(crate) fn key(&self) -> Option<(&str, i64)> {
+        Some((self.ordering_key.as_deref()?, self.key_seq?))
+    }
+}
+
+/// A typed event and its metadata: what a handler is called with.
+#[derive(Debug, Clone)]
+pub struct Envelope<E> {
+    /// The body, deserialized.
+    pub event: E,
+    /// Id, key, sequence, type and headers.
+    pub meta: Meta,
+}
+
+/// Reads a delivery's properties. `Err` names what is wrong; the message is
+/// then dead-lettered at once (its id, when readable, still dedupes it).
+pub(crate) fn read(
+    exchange: &str,
+    routing_key: &str,
+    redelivered: bool,
+    properties: &BasicProperties,
+) -> Result<Meta, Malformed> {
+    let id_text = properties.message_id().as_ref().map(|s| s.as_str());
+    let message_id = match id_text {
+        None => return Err(Malformed::new(None, "no message_id property")),
+        Some(text) => Uuid::parse_str(text).map_err(|_| {
+            Malformed::new(
+                None,
+                format!("message_id {:?} is not a UUID", truncate(text)),
+            )
+        })?,
+    };
+    let headers = properties.headers().clone().unwrap_or_default();
+    let bad = |reason: String| Malformed::new(Some(message_id), reason);
+    let ordering_key = match headers.inner().get(ORDERING_KEY_HEADER) {
+        None => None,
+        Some(AMQPValue::LongString(s)) => Some(
+            String::from_utf8(s.as_bytes().to_vec())
+                .map_err(|_| bad(format!("{ORDERING_KEY_HEADER} is not UTF-8")))?,
+        ),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
+        Some(other) => {
+            return Err(bad(format!(
+                "{ORDERING_KEY_HEADER} is not a string: {other:?}"
+            )));
+        }
+    };
+    let key_seq = match (&ordering_key, headers.inner().get(KEY_SEQ_HEADER)) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(bad(format!(
+                "{ORDERING_KEY_HEADER} is set but {KEY_SEQ_HEADER} is missing"
+            )));
+        }
+        (Some(_), Some(value)) => match integer(value) {
+            Some(n) if n >= 1 => Some(n),
+            _ => {
+                return Err(bad(format!(
+                    "{KEY_SEQ_HEADER} must be an integer of at least 1, got {value:?}"
+                )));
+            }
+        },
+    };
+    let event_version = headers.inner().get(EVENT_VERSION_HEADER).and_then(integer);
+    let replayed = matches!(
+        headers.inner().get(REPLAY_HEADER),
+        Some(AMQPValue::Boolean(true))
+    );
+    // A replayed dead letter arrives straight in our queue: route it by
+    // where it was first published.
+    let original = |name: &str| match headers.inner().get(name) {
+        Some(AMQPValue::LongString(s)) if replayed => {
+            Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+        }
+        _ => None,
+    };
+    let exchange = original(crate::dead_letter::ORIGINAL_EXCHANGE_HEADER)
+        .unwrap_or_else(|| exchange.to_owned());
+    let routing_key = original(crate::dead_letter::ORIGINAL_ROUTING_KEY_HEADER)
+        .unwrap_or_else(|| routing_key.to_owned());
+    Ok(Meta {
+        message_id,
+        ordering_key,
+        key_seq,
+        event_type: properties.kind().as_ref().map(|s| s.as_str().to_owned()),
+        event_version,
+        exchange,
+        routing_key,
+        redelivered,
+        attempt: 1,
+        replayed,
+        headers,
+    })
+}
+
+/// Any AMQP integer, or a string of digits (some clients send numbers as text).
+fn integer(value: &AMQPValue) -> Option<i64> {
+    match value {
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+fn truncate(text: &str) -> &str {
+    let mut end = text.len().min(64);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// A delivery that cannot be handled as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Malformed {
+    /// Its id, when that much could be read.
+    pub(crate) message_id: Option<Uuid>,
+    /// What is wrong.
+    pub(crate) reason: String,
+}
+
+impl Malformed {
+    pub(crate) fn new(message_id: Option<Uuid>, reason: impl Into<String>) -> Self {
+        Malformed {
+            message_id,
+            reason: reason.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::LongString;
+
+    fn props(headers: &[(&str, AMQPValue)]) -> BasicProperties {
+        let mut table = FieldTable::default();
+        for (k, v) in headers {
+            table.insert((*k).into(), v.clone());
+        }
+        BasicProperties::default()
+            .with_message_id("0192e4a0-0000-7000-8000-000000000001".into())
+            .with_type("order.submitted".into())
+            .with_headers(table)
+    }
+
+    fn key(k: &str) -> (&'static str, AMQPValue) {
+        (
+            ORDERING_KEY_HEADER,
+            AMQPValue::LongString(LongString::from(k)),
+        )
+    }
+
+    #[test]
+    fn reads_id_key_sequence_and_version() {
+        let meta = read(
+            "order",
+            "order.v1.submitted",
+            false,
+            &props(&[
+                key("order-1"),
+                (KEY_SEQ_HEADER, AMQPValue::LongLongInt(3)),
+                (EVENT_VERSION_HEADER, AMQPValue::LongInt(1)),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(meta.key(), Some(("order-1", 3)));
+        assert_eq!(meta.event_version, Some(1));
+        assert_eq!(meta.event_type.as_deref(), Some("order.submitted"));
+        assert!(!meta.replayed);
+    }
+
+    #[test]
+    fn a_missing_or_bad_sequence_is_malformed_with_the_id_kept() {
+        let missing = read("x", "y", false, &props(&[key("k")])).unwrap_err();
+        assert!(
+            missing.reason.contains("x-key-seq is missing"),
+            "{}",
+            missing.reason
+        );
+        assert!(missing.message_id.is_some());
+        let text = read(
+            "x",
+            "y",
+            false,
+            &props(&[
+                key("k"),
+                (KEY_SEQ_HEADER, AMQPValue::LongString("two".into())),
+            ]),
+        )
+        .unwrap_err();
+        assert!(
+            text.reason.contains("must be an integer"),
+            "{}",
+            text.reason
+        );
+        let zero = read(
+            "x",
+            "y",
+            false,
+            &props(&[key("k"), (KEY_SEQ_HEADER, AMQPValue::LongLongInt(0))]),
+        );
+        assert!(zero.is_err());
+        let digits = read(
+            "x",
+            "y",
+            false,
+            &props(&[
+                key("k"),
+                (KEY_SEQ_HEADER, AMQPValue::LongString("7".into())),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(digits.key_seq, Some(7));
+    }
+
+    #[test]
+    fn a_missing_or_bad_message_id_is_malformed() {
+        let none = read("x", "y", false, &BasicProperties::default()).unwrap_err();
+        assert_eq!(none.message_id, None);
+        assert!(none.reason.contains("no message_id"));
+        let bad = read(
+            "x",
+            "y",
+            false,
+            &BasicProperties::default().with_message_id("order-17".into()),
+        )
+        .unwrap_err();
+        assert!(bad.reason.contains("not a UUID"), "{}", bad.reason);
+    }
+}

@@ -1,0 +1,449 @@
+//! A lane runs one delivery at a time: reads it, finds its handler, applies
+//! it through the inbox on the lane's own database connection, then acks,
+//! holds, retries or dead-letters it. The session decides which delivery a
+//! lane gets next (one per key at a time).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diesel::{Connection, PgConnection};
+use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use tokio::sync::mpsc;
+
+use crate::config::{GapPolicy, LatePolicy, UnknownPolicy};
+use crate::consumer::Shared;
+use crate::dead_letter::{self, DeadLetter};
+use crate::envelope::{self, Malformed, Meta};
+use crate::handler::Call;
+use crate::inbox::{AheadPolicy, Applied, Incoming, Settled};
+use crate::schedule::{Finish, Mode, Sequenced};
+use crate::stats::Counters;
+use crate::{Error, Result};
+
+/// A delivery waiting in, or running from, the session's scheduler.
+pub(crate) struct Item {
+    pub(crate) delivery: Delivery,
+    meta: std::result::Result<Meta, Malformed>,
+    key: String,
+    seq: i64,
+    /// Handler runs that failed so far.
+    attempts: u32,
+}
+
+impl Item {
+    pub(crate) fn new(delivery: Delivery) -> Self {
+        let meta = envelope::read(
+            delivery.exchange.as_str(),
+            delivery.routing_key.as_str(),
+            delivery.redelivered,
+            &delivery.properties,
+        );
+        // Unordered (or unreadable) deliveries get a key of their own, so
+        // they run side by side; the prefix keeps them apart from real keys.
+        let (key, seq) = match &meta {
+            Ok(m) => match m.key() {
+                Some((k, s)) => (format!("k:{k}"), s),
+                None => (format!("m:{}", m.message_id), 0),
+            },
+            Err(_) => (format!("d:{}", delivery.delivery_tag), 0),
+        };
+        Item {
+            delivery,
+            meta,
+            key,
+            seq,
+            attempts: 0,
+        }
+    }
+}
+
+impl Sequenced for Item {
+    fn schedule_key(&self) -> &str {
+        &self.key
+    }
+    fn seq(&self) -> i64 {
+        self.seq
+    }
+}
+
+/// A finished run, back to the session.
+pub(crate) struct Done {
+    pub(crate) lane: usize,
+    pub(crate) key: String,
+    pub(crate) finish: Finish<Item>,
+}
+
+/// One lane: its database connection and the session's dead-letter channel.
+pub(crate) struct Lane {
+    pub(crate) index: usize,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) dead_letters: Channel,
+    pub(crate) conn: Option<PgConnection>,
+    #[cfg(feature = "async")]
+    pub(crate) async_conn: Option<diesel_async::AsyncPgConnection>,
+    /// Database failures in a row, for the reconnect backoff.
+    db_failures: u32,
+}
+
+/// How the inbox is asked to order a message.
+#[derive(Debug, Clone, Copy)]
+enum Order {
+    Checked(AheadPolicy),
+    Unordered,
+}
+
+impl Lane {
+    pub(crate) fn new(index: usize, shared: Arc<Shared>, dead_letters: Channel) -> Self {
+        Lane {
+            index,
+            shared,
+            dead_letters,
+            conn: None,
+            #[cfg(feature = "async")]
+            async_conn: None,
+            db_failures: 0,
+        }
+    }
+
+    /// Runs jobs until the session drops its sender.
+    pub(crate) async fn run(
+        mut self,
+        mut jobs: mpsc::Receiver<(Item, Mode)>,
+        done: mpsc::UnboundedSender<Done>,
+    ) -> Self {
+        while let Some((item, mode)) = jobs.recv().await {
+            let key = item.key.clone();
+            let finish = self.process(item, mode).await;
+            if done
+                .send(Done {
+                    lane: self.index,
+                    key,
+                    finish,
+                })
+                .is_err()
+            {
+                break;
+            }
+        }
+        self
+    }
+
+    async fn process(&mut self, mut item: Item, mode: Mode) -> Finish<Item> {
+        let mut meta = match &item.meta {
+            Ok(meta) => meta.clone(),
+            Err(bad) => {
+                let reason = format!("malformed message: {}", bad.reason);
+                return self.dead_letter(item, reason).await;
+            }
+        };
+        meta.attempt = item.attempts + 1;
+        let span = tracing::info_span!(
+            "consume",
+            consumer = %self.shared.config.name,
+            message_id = %meta.message_id,
+            routing_key = %meta.routing_key,
+            ordering_key = meta.ordering_key.as_deref(),
+            key_seq = meta.key_seq,
+            attempt = meta.attempt,
+        );
+        crate::trace::set_parent(&span, &meta);
+        let Some(handler) = self
+            .shared
+            .routes
+            .find(&meta.exchange, &meta.routing_key)
+            .cloned()
+        else {
+            return match self.shared.config.unknown {
+                UnknownPolicy::Ignore => {
+                    self.settle(item, Settled::Ignored, &CounterRef::Ignored)
+                        .await
+                }
+                UnknownPolicy::DeadLetter => {
+                    let reason = format!(
+                        "no handler for exchange {:?} routing key {:?}",
+                        meta.exchange, meta.routing_key
+                    );
+                    self.dead_letter(item, reason).await
+                }
+            };
+        };
+        let order = if meta.replayed {
+            Order::Unordered
+        } else if mode == Mode::GapExpired && self.shared.config.after_gap == GapPolicy::Apply {
+            Order::Checked(AheadPolicy::Apply)
+        } else {
+            Order::Checked(AheadPolicy::Hold)
+        };
+        let applied = match handler.prepare(&meta, &item.delivery.data) {
+            Err(reason) => return self.dead_letter(item, reason).await,
+            Ok(call) => self.apply(call, &meta, order, span.clone()).await,
+        };
+        let applied = match applied {
+            Ok(Applied::Late { last }) if self.shared.config.late == LatePolicy::Apply => {
+                Counters::add(&self.shared.counters.late);
+                match handler.prepare(&meta, &item.delivery.data) {
+                    Err(reason) => return self.dead_letter(item, reason).await,
+                    Ok(call) => {
+                        tracing::warn!(parent: &span, last, "late message applied out of order");
+                        self.apply(call, &meta, Order::Unordered, span.clone())
+                            .await
+                    }
+                }
+            }
+            other => other,
+        };
+        let counters = &self.shared.counters;
+        match applied {
+            Ok(Applied::Applied) => {
+                self.db_failures = 0;
+                Counters::add(&counters.applied);
+                ack(&item.delivery).await;
+                Finish::Done
+            }
+            Ok(Applied::Duplicate) => {
+                Counters::add(&counters.duplicates);
+                ack(&item.delivery).await;
+                Finish::Done
+            }
+            Ok(Applied::Discarded(reason)) => {
+                tracing::info!(parent: &span, %reason, "handler discarded the message");
+                Counters::add(&counters.discarded);
+                ack(&item.delivery).await;
+                Finish::Done
+            }
+            Ok(Applied::Held { last }) => {
+                if mode == Mode::GapExpired {
+                    // after_gap = dead-letter: the gap did not fill in time.
+                    let reason = format!(
+                        "key_seq {} still ahead of the key's position {last} after the gap wait of {:?}",
+                        item.seq, self.shared.config.gap_wait
+                    );
+                    return self.dead_letter(item, reason).await;
+                }
+                Counters::add(&counters.held);
+                Finish::Held(item)
+            }
+            Ok(Applied::Late { last }) => {
+                Counters::add(&counters.late);
+                let reason = format!(
+                    "late: key_seq {} is at or behind the key's position {last}, and was never applied",
+                    item.seq
+                );
+                self.dead_letter(item, reason).await
+            }
+            Ok(Applied::Retry { after, reason }) => {
+                Counters::add(&counters.retried);
+                item.attempts += 1;
+                let retry = &self.shared.config.retry;
+                if retry.exhausted(item.attempts) {
+                    let reason = format!("handler failed {} times; last: {reason}", item.attempts);
+                    return self.dead_letter(item, reason).await;
+                }
+                let delay = after.unwrap_or_else(|| retry.delay(item.attempts));
+                tracing::info!(parent: &span, %reason, ?delay, "handler asked to retry");
+                Finish::RetryAt(item, Instant::now() + delay)
+            }
+            Err(e) => self.failed_for_now(item, &e),
+        }
+    }
+
+    /// The inbox transaction with the handler, on the lane's connection.
+    async fn apply(
+        &mut self,
+        call: Call,
+        meta: &Meta,
+        order: Order,
+        span: tracing::Span,
+    ) -> Result<Applied> {
+        let message_id = meta.message_id;
+        let key = meta.key().map(|(k, s)| (k.to_owned(), s));
+        match call {
+            Call::Sync(f) => {
+                let inbox = self.shared.inbox.clone();
+                self.with_conn(move |conn| {
+                    let _entered = span.enter();
+                    let incoming = Incoming {
+                        message_id,
+                        key: key.as_ref().map(|(k, s)| (k.as_str(), *s)),
+                    };
+                    match order {
+                        Order::Checked(ahead) => inbox.apply(conn, incoming, ahead, f),
+                        Order::Unordered => inbox.apply_unordered(conn, incoming, f),
+                    }
+                })
+                .await
+            }
+            #[cfg(feature = "async")]
+            Call::Async(f) => {
+                use tracing::Instrument;
+                let incoming_key = key.as_ref().map(|(k, s)| (k.as_str(), *s));
+                let incoming = Incoming {
+                    message_id,
+                    key: incoming_key,
+                };
+                let conn = match self.async_conn.take() {
+                    Some(c) => c,
+                    None => crate::inbox_async::connect(&self.shared.config.database_url).await?,
+                };
+                let mut conn = conn;
+                let inbox = self.shared.inbox.clone();
+                let result = async {
+                    match order {
+                        Order::Checked(ahead) => {
+                            inbox.apply_async(&mut conn, incoming, ahead, f).await
+                        }
+                        Order::Unordered => {
+                            inbox.apply_unordered_async(&mut conn, incoming, f).await
+                        }
+                    }
+                }
+                .instrument(span)
+                .await;
+                if !matches!(result, Err(Error::Database { .. })) {
+                    self.async_conn = Some(conn);
+                }
+                result
+            }
+        }
+    }
+
+    /// Runs `f` on a blocking thread with the lane's connection (made on
+    /// first use). A connection that failed is dropped and made anew.
+    async fn with_conn<T, F>(&mut self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut PgConnection) -> Result<T> + Send + 'static,
+    {
+        let conn = self.conn.take();
+        let url = self.shared.config.database_url.clone();
+        let (conn, result) = tokio::task::spawn_blocking(move || {
+            let mut conn = match conn {
+                Some(conn) => conn,
+                None => match PgConnection::establish(&url) {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        return (
+                            None,
+                            Err(Error::Connect {
+                                what: "database",
+                                url: outbox::redact_url(&url),
+                                cause: e.to_string(),
+                            }),
+                        );
+                    }
+                },
+            };
+            let result = f(&mut conn);
+            let healthy = !matches!(result, Err(Error::Database { .. }));
+            (healthy.then_some(conn), result)
+        })
+        .await
+        .unwrap_or_else(|panic| {
+            (
+                None,
+                Err(Error::Handler(format!("handler panicked: {panic}"))),
+            )
+        });
+        self.conn = conn;
+        result
+    }
+
+    /// A database or broker failure: nothing was applied; run it again after
+    /// a backoff that grows while failures go on. Attempts are not used up:
+    /// the message is fine, the infrastructure is not.
+    fn failed_for_now(&mut self, item: Item, error: &Error) -> Finish<Item> {
+        Counters::add(&self.shared.counters.retried);
+        self.db_failures += 1;
+        let delay = self
+            .shared
+            .config
+            .retry
+            .delay(self.db_failures)
+            .min(Duration::from_secs(10));
+        tracing::warn!(consumer = %self.shared.config.name, error = %error, ?delay, "could not apply a message; will retry");
+        Finish::RetryAt(item, Instant::now() + delay)
+    }
+
+    /// Records the message as settled without a handler, then acks it.
+    async fn settle(&mut self, item: Item, outcome: Settled, counter: &CounterRef) -> Finish<Item> {
+        let (message_id, key) = match &item.meta {
+            Ok(meta) => (
+                Some(meta.message_id),
+                meta.key().map(|(k, s)| (k.to_owned(), s)),
+            ),
+            Err(bad) => (bad.message_id, None),
+        };
+        if let Some(message_id) = message_id {
+            let inbox = self.shared.inbox.clone();
+            let settled = self
+                .with_conn(move |conn| {
+                    inbox.settle(
+                        conn,
+                        Incoming {
+                            message_id,
+                            key: key.as_ref().map(|(k, s)| (k.as_str(), *s)),
+                        },
+                        outcome,
+                    )
+                })
+                .await;
+            if let Err(e) = settled {
+                return self.failed_for_now(item, &e);
+            }
+        }
+        counter.add(&self.shared.counters);
+        ack(&item.delivery).await;
+        Finish::Done
+    }
+
+    /// Publishes the message to the dead-letter queue (confirmed), records
+    /// it, moves its key on, and acks it.
+    async fn dead_letter(&mut self, item: Item, reason: String) -> Finish<Item> {
+        let published = dead_letter::publish(
+            &self.dead_letters,
+            &self.shared.config,
+            DeadLetter {
+                exchange: item.delivery.exchange.as_str(),
+                routing_key: item.delivery.routing_key.as_str(),
+                properties: &item.delivery.properties,
+                body: &item.delivery.data,
+                reason: &reason,
+                attempts: item.attempts,
+            },
+        )
+        .await;
+        if let Err(e) = published {
+            // Keep it: unacked, it comes back if the channel is gone.
+            return self.failed_for_now(item, &e);
+        }
+        let id = item.meta.as_ref().map(|m| m.message_id).ok();
+        tracing::warn!(consumer = %self.shared.config.name, message_id = ?id, %reason, "message dead-lettered");
+        self.settle(item, Settled::DeadLettered, &CounterRef::DeadLettered)
+            .await
+    }
+}
+
+/// Which counter a settle adds to.
+pub(crate) enum CounterRef {
+    DeadLettered,
+    Ignored,
+}
+
+impl CounterRef {
+    fn add(&self, counters: &Counters) {
+        match self {
+            CounterRef::DeadLettered => Counters::add(&counters.dead_lettered),
+            CounterRef::Ignored => Counters::add(&counters.ignored),
+        }
+    }
+}
+
+/// Acks after commit. A failed ack (the channel went away) is harmless: the
+/// broker redelivers and the inbox absorbs the duplicate.
+async fn ack(delivery: &Delivery) {
+    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+        tracing::debug!(error = %e, "ack failed; the redelivery will be a duplicate");
+    }
+}
