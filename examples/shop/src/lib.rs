@@ -1,0 +1,37 @@
+//! The example shop, end to end: the order service writes orders and their
+//! events in one transaction; relays ship the outboxes to RabbitMQ; billing
+//! and logistics apply each event once and in order per order id; logistics
+//! answers through its own outbox; the order service notes the shipment.
+//!
+//! Each service owns a schema of its own in the one PostgreSQL (as it would
+//! own a database): its connections set `search_path` to it, so its code
+//! names its tables plainly.
+//!
+//! - [`events`]: the events and their versions.
+//! - [`order`], [`billing`], [`logistics`]: the services.
+//! - [`demo`]: runs them all under load (with faults on request) and checks
+//!   every service's tables against what was ordered.
+//! - [`http`], [`pool`]: a tiny HTTP client for the load, a tiny connection pool.
+
+pub mod billing;
+pub mod demo;
+pub mod events;
+pub mod http;
+pub mod logistics;
+pub mod order;
+pub mod pool;
+
+/// `database_url` with the connection's `search_path` set to `schema`, so
+/// a service sees its own tables first (libpq's `options` parameter).
+pub fn service_url(database_url: &str, schema: &str) -> String {
+    let separator = if database_url.contains('?') { '&' } else { '?' };
+    format!("{database_url}{separator}options=-csearch_path%3D{schema}")
+}
+
+/// A database error in a handler: retry it (the transaction rolled back).
+pub(crate) fn retry(e: impl std::fmt::Display) -> consumer::HandlerError {
+    consumer::HandlerError::Retry {
+        after: None,
+        reason: e.to_string(),
+    }
+}
