@@ -75,8 +75,3 @@ pub use validate::{
     RESERVED_HEADERS,
 };
 
-// The README's Rust examples are compiled and run as doctests, so the front
-// door never shows code that does not build.
-#[doc = include_str!("../../README.md")]
-#[cfg(doctest)]
-pub struct ReadmeDoctests;

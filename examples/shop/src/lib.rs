@@ -35,3 +35,10 @@ pub(crate) fn retry(e: impl std::fmt::Display) -> consumer::HandlerError {
         reason: e.to_string(),
     }
 }
+
+// The README's Rust examples are compiled as doctests here (this crate
+// depends on every library), so the front door never shows code that does
+// not build.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
