@@ -88,6 +88,8 @@ pub enum Settled {
     DeadLettered,
     /// Acknowledged without a handler (an unknown type under the ignore policy).
     Ignored,
+    /// The handler discarded it (its writes were rolled back).
+    Discarded,
 }
 
 impl Settled {
@@ -95,6 +97,7 @@ impl Settled {
         match self {
             Settled::DeadLettered => "dead-lettered",
             Settled::Ignored => "ignored",
+            Settled::Discarded => "discarded",
         }
     }
 }
@@ -132,34 +135,19 @@ pub struct Inbox {
     messages_table: String,
 }
 
+/// What recording a message found: the key's position before it (NULL
+/// when unordered).
 #[derive(QueryableByName)]
-pub(crate) struct LastSeq {
-    #[diesel(sql_type = BigInt)]
-    pub(crate) last_seq: i64,
-}
-
-#[derive(QueryableByName)]
-pub(crate) struct Inserted {
-    #[diesel(sql_type = BigInt)]
-    #[allow(dead_code)] // only its presence matters
-    one: i64,
-}
-
-/// How the handler's savepoint ended.
-pub(crate) enum Handled {
-    Handler(HandlerError),
-    Database(diesel::result::Error),
-}
-
-impl From<diesel::result::Error> for Handled {
-    fn from(e: diesel::result::Error) -> Self {
-        Handled::Database(e)
-    }
+pub(crate) struct Recorded {
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub(crate) last_seq: Option<i64>,
 }
 
 /// Why a transaction ended without committing.
 pub(crate) enum Abort {
     Outcome(Applied),
+    /// The handler discarded the message: roll back, then record it.
+    Discard(String),
     Database(diesel::result::Error),
 }
 
@@ -257,10 +245,11 @@ impl Inbox {
         outcome: Settled,
     ) -> Result<bool> {
         conn.transaction::<bool, diesel::result::Error, _>(|conn| {
-            if let Some((key, _)) = message.key {
-                self.lock_key(conn, key)?;
-            }
-            if !self.record(conn, message, outcome.as_str(), false)? {
+            if self
+                .record_query(message, outcome.as_str(), false)
+                .load::<Recorded>(conn)?
+                .is_empty()
+            {
                 return Ok(false);
             }
             self.move_key(conn, message)?;
@@ -285,38 +274,36 @@ impl Inbox {
         let result = conn.transaction::<Applied, Abort, _>(|conn| {
             // The key's row lock orders handlers of one key, across threads
             // and instances: a newcomer waits here, then sees the true position.
-            let last = match message.key {
-                Some((key, _)) => Some(self.lock_key(conn, key)?),
-                None => None,
-            };
             let revive = matches!(check, Check::None);
-            if !self.record(conn, message, "applied", revive)? {
+            let Some(last) = self
+                .record_query(message, "applied", revive)
+                .load::<Recorded>(conn)?
+                .pop()
+            else {
                 return Err(Abort::Outcome(Applied::Duplicate));
-            }
-            if let Some(outcome) = out_of_turn(last, message, check) {
+            };
+            if let Some(outcome) = out_of_turn(last.last_seq, message, check) {
                 return Err(Abort::Outcome(outcome));
             }
-            // The handler runs inside a savepoint, so a discard can undo its
-            // writes and still commit the discard with the key's move.
-            let handled =
-                conn.transaction::<(), Handled, _>(|conn| handler(conn).map_err(Handled::Handler));
-            match handled {
+            match handler(conn) {
                 Ok(()) => {
                     self.move_key(conn, message)?;
                     Ok(Applied::Applied)
                 }
-                Err(Handled::Handler(HandlerError::Retry { after, reason })) => {
+                Err(HandlerError::Retry { after, reason }) => {
                     Err(Abort::Outcome(Applied::Retry { after, reason }))
                 }
-                Err(Handled::Handler(HandlerError::Discard(reason))) => {
-                    self.mark_discarded(conn, message)?;
-                    self.move_key(conn, message)?;
-                    Ok(Applied::Discarded(reason))
-                }
-                Err(Handled::Database(e)) => Err(Abort::Database(e)),
+                // Undo everything, then record the discard on its own.
+                Err(HandlerError::Discard(reason)) => Err(Abort::Discard(reason)),
             }
         });
-        finish(result)
+        match result {
+            Err(Abort::Discard(reason)) => {
+                self.settle(conn, message, Settled::Discarded)?;
+                Ok(Applied::Discarded(reason))
+            }
+            other => finish(other),
+        }
     }
 }
 
@@ -325,6 +312,7 @@ pub(crate) fn finish(result: std::result::Result<Applied, Abort>) -> Result<Appl
     match result {
         Ok(applied) => Ok(applied),
         Err(Abort::Outcome(outcome)) => Ok(outcome),
+        Err(Abort::Discard(reason)) => Ok(Applied::Discarded(reason)),
         Err(Abort::Database(cause)) => Err(Error::Database {
             operation: "applying a message",
             cause,
@@ -333,35 +321,6 @@ pub(crate) fn finish(result: std::result::Result<Applied, Abort>) -> Result<Appl
 }
 
 impl Inbox {
-    fn mark_discarded(
-        &self,
-        conn: &mut PgConnection,
-        message: Incoming<'_>,
-    ) -> diesel::QueryResult<()> {
-        self.mark_discarded_query(message).execute(conn).map(|_| ())
-    }
-
-    /// Creates the key's row if new, locks it, and returns its position.
-    fn lock_key(&self, conn: &mut PgConnection, key: &str) -> diesel::QueryResult<i64> {
-        Ok(self
-            .lock_key_query(key)
-            .get_result::<LastSeq>(conn)?
-            .last_seq)
-    }
-
-    /// Inserts the dedupe row; false when the id was already there. With
-    /// `revive`, a row recorded as dead-lettered is taken over instead.
-    fn record(
-        &self,
-        conn: &mut PgConnection,
-        message: Incoming<'_>,
-        outcome: &'static str,
-        revive: bool,
-    ) -> diesel::QueryResult<bool> {
-        let inserted: Vec<Inserted> = self.record_query(message, outcome, revive).load(conn)?;
-        Ok(!inserted.is_empty())
-    }
-
     fn move_key(&self, conn: &mut PgConnection, message: Incoming<'_>) -> diesel::QueryResult<()> {
         if let Some(query) = self.move_key_query(message) {
             query.execute(conn)?;
@@ -371,28 +330,10 @@ impl Inbox {
 
     // The statements, built once here for the sync and the async paths.
 
-    pub(crate) fn mark_discarded_query<'a>(&'a self, message: Incoming<'a>) -> Query<'a> {
-        diesel::sql_query(format!(
-            "UPDATE {t} SET outcome = 'discarded' WHERE consumer = $1 AND message_id = $2",
-            t = self.messages_table
-        ))
-        .into_boxed()
-        .bind::<Text, _>(self.consumer.as_str())
-        .bind::<diesel::sql_types::Uuid, _>(message.message_id)
-    }
-
-    pub(crate) fn lock_key_query<'a>(&'a self, key: &'a str) -> Query<'a> {
-        diesel::sql_query(format!(
-            "INSERT INTO {t} AS k (consumer, ordering_key, last_seq) VALUES ($1, $2, 0)
-             ON CONFLICT (consumer, ordering_key) DO UPDATE SET last_seq = k.last_seq
-             RETURNING k.last_seq",
-            t = self.keys_table
-        ))
-        .into_boxed()
-        .bind::<Text, _>(self.consumer.as_str())
-        .bind::<Text, _>(key)
-    }
-
+    /// Locks the key's row (creating it at position 0) and inserts the
+    /// dedupe row, in one statement and in that order: one row with the
+    /// key's position (NULL when unordered) if the id was new, none if it
+    /// was already there. With `revive`, a dead-lettered id is taken over.
     pub(crate) fn record_query<'a>(
         &'a self,
         message: Incoming<'a>,
@@ -405,17 +346,33 @@ impl Inbox {
         } else {
             "ON CONFLICT DO NOTHING"
         };
-        diesel::sql_query(format!(
-            "INSERT INTO {t} AS m (consumer, message_id, ordering_key, key_seq, outcome)
-             VALUES ($1, $2, $3, $4, $5) {conflict} RETURNING 1::bigint AS one",
-            t = self.messages_table
-        ))
-        .into_boxed()
-        .bind::<Text, _>(self.consumer.as_str())
-        .bind::<diesel::sql_types::Uuid, _>(message.message_id)
-        .bind::<Nullable<Text>, _>(message.key.map(|k| k.0))
-        .bind::<Nullable<BigInt>, _>(message.key.map(|k| k.1))
-        .bind::<Text, _>(outcome)
+        let (keys, messages) = (&self.keys_table, &self.messages_table);
+        // The inserted row is selected from the key's upsert, so the key is
+        // locked first: the same order as every other writer of the key.
+        let sql = if message.key.is_some() {
+            format!(
+                "WITH k AS (
+                     INSERT INTO {keys} AS k (consumer, ordering_key, last_seq) VALUES ($1, $3, 0)
+                     ON CONFLICT (consumer, ordering_key) DO UPDATE SET last_seq = k.last_seq
+                     RETURNING k.last_seq)
+                 INSERT INTO {messages} AS m (consumer, message_id, ordering_key, key_seq, outcome)
+                 SELECT $1, $2, $3, $4, $5 FROM k {conflict}
+                 RETURNING (SELECT last_seq FROM k) AS last_seq"
+            )
+        } else {
+            format!(
+                "INSERT INTO {messages} AS m (consumer, message_id, ordering_key, key_seq, outcome)
+                 VALUES ($1, $2, $3, $4, $5) {conflict}
+                 RETURNING NULL::bigint AS last_seq"
+            )
+        };
+        diesel::sql_query(sql)
+            .into_boxed()
+            .bind::<Text, _>(self.consumer.as_str())
+            .bind::<diesel::sql_types::Uuid, _>(message.message_id)
+            .bind::<Nullable<Text>, _>(message.key.map(|k| k.0))
+            .bind::<Nullable<BigInt>, _>(message.key.map(|k| k.1))
+            .bind::<Text, _>(outcome)
     }
 
     pub(crate) fn move_key_query<'a>(&'a self, message: Incoming<'a>) -> Option<Query<'a>> {

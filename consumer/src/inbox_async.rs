@@ -6,8 +6,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 use crate::handler::{BoxFuture, HandlerResult};
 use crate::inbox::{
-    Abort, Applied, Check, Handled, HandlerError, Inbox, Incoming, Inserted, LastSeq, finish,
-    out_of_turn,
+    Abort, Applied, Check, HandlerError, Inbox, Incoming, Recorded, Settled, finish, out_of_turn,
 };
 use crate::{AheadPolicy, Error, Result};
 
@@ -58,52 +57,63 @@ impl Inbox {
     ) -> Result<Applied> {
         let result = conn
             .transaction::<Applied, Abort, _>(async move |conn| {
-                let last = match message.key {
-                    Some((key, _)) => Some(
-                        self.lock_key_query(key)
-                            .get_result::<LastSeq>(conn)
-                            .await?
-                            .last_seq,
-                    ),
-                    None => None,
-                };
                 let revive = matches!(check, Check::None);
-                let inserted: Vec<Inserted> = self
+                let Some(last) = self
                     .record_query(message, "applied", revive)
-                    .load(conn)
-                    .await?;
-                if inserted.is_empty() {
+                    .load::<Recorded>(conn)
+                    .await?
+                    .pop()
+                else {
                     return Err(Abort::Outcome(Applied::Duplicate));
-                }
-                if let Some(outcome) = out_of_turn(last, message, check) {
+                };
+                if let Some(outcome) = out_of_turn(last.last_seq, message, check) {
                     return Err(Abort::Outcome(outcome));
                 }
-                let handled = conn
-                    .transaction::<(), Handled, _>(async move |conn| {
-                        handler(conn).await.map_err(Handled::Handler)
-                    })
-                    .await;
-                match handled {
+                match handler(conn).await {
                     Ok(()) => {
                         if let Some(q) = self.move_key_query(message) {
                             q.execute(conn).await?;
                         }
                         Ok(Applied::Applied)
                     }
-                    Err(Handled::Handler(HandlerError::Retry { after, reason })) => {
+                    Err(HandlerError::Retry { after, reason }) => {
                         Err(Abort::Outcome(Applied::Retry { after, reason }))
                     }
-                    Err(Handled::Handler(HandlerError::Discard(reason))) => {
-                        self.mark_discarded_query(message).execute(conn).await?;
-                        if let Some(q) = self.move_key_query(message) {
-                            q.execute(conn).await?;
-                        }
-                        Ok(Applied::Discarded(reason))
-                    }
-                    Err(Handled::Database(e)) => Err(Abort::Database(e)),
+                    Err(HandlerError::Discard(reason)) => Err(Abort::Discard(reason)),
                 }
             })
             .await;
+        if let Err(Abort::Discard(reason)) = result {
+            self.settle_async(conn, message, Settled::Discarded).await?;
+            return Ok(Applied::Discarded(reason));
+        }
         finish(result)
+    }
+
+    /// [`Inbox::settle`] on an `AsyncPgConnection`.
+    pub(crate) async fn settle_async(
+        &self,
+        conn: &mut AsyncPgConnection,
+        message: Incoming<'_>,
+        outcome: Settled,
+    ) -> Result<bool> {
+        conn.transaction::<bool, diesel::result::Error, _>(async move |conn| {
+            let recorded: Vec<Recorded> = self
+                .record_query(message, outcome.as_str(), false)
+                .load(conn)
+                .await?;
+            if recorded.is_empty() {
+                return Ok(false);
+            }
+            if let Some(q) = self.move_key_query(message) {
+                q.execute(conn).await?;
+            }
+            Ok(true)
+        })
+        .await
+        .map_err(|cause| Error::Database {
+            operation: "recording a settled message",
+            cause,
+        })
     }
 }

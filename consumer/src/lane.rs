@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::{Connection, PgConnection};
+use lapin::Acker;
 use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
@@ -16,7 +17,7 @@ use crate::config::{GapPolicy, LatePolicy, UnknownPolicy};
 use crate::consumer::Shared;
 use crate::dead_letter::{self, DeadLetter};
 use crate::envelope::{self, Malformed, Meta};
-use crate::handler::Call;
+use crate::handler::{Call, Erased};
 use crate::inbox::{AheadPolicy, Applied, Incoming, Settled};
 use crate::schedule::{Finish, Mode, Sequenced};
 use crate::stats::Counters;
@@ -68,11 +69,37 @@ impl Sequenced for Item {
     }
 }
 
-/// A finished run, back to the session.
+/// A finished batch, back to the session: how each delivery's run ended.
 pub(crate) struct Done {
     pub(crate) lane: usize,
-    pub(crate) key: String,
-    pub(crate) finish: Finish<Item>,
+    pub(crate) finished: Vec<(String, Finish<Item>)>,
+}
+
+/// A delivery whose handler call is prepared, waiting for the inbox.
+struct Ready {
+    item: Item,
+    mode: Mode,
+    meta: Meta,
+    handler: Arc<dyn Erased>,
+    call: Call,
+    order: Order,
+    span: tracing::Span,
+}
+
+/// What preparing a delivery came to.
+enum Prepared {
+    Ready(Box<Ready>),
+    /// Settled without the inbox (dead-lettered, ignored) or to retry.
+    Finished(Finish<Item>),
+}
+
+/// A prepared delivery after its inbox transaction, to conclude.
+struct Ran {
+    item: Item,
+    mode: Mode,
+    meta: Meta,
+    handler: Arc<dyn Erased>,
+    span: tracing::Span,
 }
 
 /// One lane: its database connection and the session's dead-letter channel.
@@ -85,6 +112,8 @@ pub(crate) struct Lane {
     pub(crate) async_conn: Option<diesel_async::AsyncPgConnection>,
     /// Database failures in a row, for the reconnect backoff.
     db_failures: u32,
+    /// Acks of the batch under way, sent when it is done.
+    acks: Vec<Acker>,
 }
 
 /// How the inbox is asked to order a message.
@@ -104,23 +133,25 @@ impl Lane {
             #[cfg(feature = "async")]
             async_conn: None,
             db_failures: 0,
+            acks: Vec::new(),
         }
     }
 
-    /// Runs jobs until the session drops its sender.
+    /// Runs batches until the session drops its sender. The deliveries of a
+    /// batch have different keys; their sync handlers share one transaction
+    /// (each in its own savepoint), so a backlog costs one commit per batch,
+    /// not per message. Nothing is acked before that commit.
     pub(crate) async fn run(
         mut self,
-        mut jobs: mpsc::Receiver<(Item, Mode)>,
+        mut jobs: mpsc::Receiver<Vec<(Item, Mode)>>,
         done: mpsc::UnboundedSender<Done>,
     ) -> Self {
-        while let Some((item, mode)) = jobs.recv().await {
-            let key = item.key.clone();
-            let finish = self.process(item, mode).await;
+        while let Some(batch) = jobs.recv().await {
+            let finished = self.process(batch).await;
             if done
                 .send(Done {
                     lane: self.index,
-                    key,
-                    finish,
+                    finished,
                 })
                 .is_err()
             {
@@ -130,12 +161,65 @@ impl Lane {
         self
     }
 
-    async fn process(&mut self, mut item: Item, mode: Mode) -> Finish<Item> {
+    async fn process(&mut self, batch: Vec<(Item, Mode)>) -> Vec<(String, Finish<Item>)> {
+        let mut finished = Vec::with_capacity(batch.len());
+        let mut together = Vec::new();
+        for (item, mode) in batch {
+            let key = item.key.clone();
+            match self.prepare(item, mode).await {
+                Prepared::Finished(finish) => finished.push((key, finish)),
+                Prepared::Ready(ready) => together.push(*ready),
+            }
+        }
+        // Async handlers, and a lone delivery, take the one-message path.
+        let (shared_txn, alone): (Vec<Ready>, Vec<Ready>) = together
+            .into_iter()
+            .partition(|r| matches!(r.call, Call::Sync(_)));
+        let (shared_txn, mut alone) = if shared_txn.len() == 1 {
+            (Vec::new(), shared_txn.into_iter().chain(alone).collect())
+        } else {
+            (shared_txn, alone)
+        };
+        if !shared_txn.is_empty() {
+            let (ran, results) = self.apply_together(shared_txn).await;
+            for (ran, applied) in ran.into_iter().zip(results) {
+                let key = ran.item.key.clone();
+                finished.push((key, self.conclude(ran, applied).await));
+            }
+        }
+        for ready in alone.drain(..) {
+            let key = ready.item.key.clone();
+            let Ready {
+                item,
+                mode,
+                meta,
+                handler,
+                call,
+                order,
+                span,
+            } = ready;
+            let applied = self.apply(call, &meta, order, span.clone()).await;
+            let ran = Ran {
+                item,
+                mode,
+                meta,
+                handler,
+                span,
+            };
+            finished.push((key, self.conclude(ran, applied).await));
+        }
+        flush_acks(std::mem::take(&mut self.acks)).await;
+        finished
+    }
+
+    /// Reads a delivery and prepares its handler call; settles at once what
+    /// needs no inbox transaction (malformed, unknown, undeserializable).
+    async fn prepare(&mut self, item: Item, mode: Mode) -> Prepared {
         let mut meta = match &item.meta {
             Ok(meta) => meta.clone(),
             Err(bad) => {
                 let reason = format!("malformed message: {}", bad.reason);
-                return self.dead_letter(item, reason).await;
+                return Prepared::Finished(self.dead_letter(item, reason).await);
             }
         };
         meta.attempt = item.attempts + 1;
@@ -155,7 +239,7 @@ impl Lane {
             .find(&meta.exchange, &meta.routing_key)
             .cloned()
         else {
-            return match self.shared.config.unknown {
+            return Prepared::Finished(match self.shared.config.unknown {
                 UnknownPolicy::Ignore => {
                     self.settle(item, Settled::Ignored, &CounterRef::Ignored)
                         .await
@@ -167,7 +251,7 @@ impl Lane {
                     );
                     self.dead_letter(item, reason).await
                 }
-            };
+            });
         };
         let order = if meta.replayed {
             Order::Unordered
@@ -176,10 +260,29 @@ impl Lane {
         } else {
             Order::Checked(AheadPolicy::Hold)
         };
-        let applied = match handler.prepare(&meta, &item.delivery.data) {
-            Err(reason) => return self.dead_letter(item, reason).await,
-            Ok(call) => self.apply(call, &meta, order, span.clone()).await,
-        };
+        match handler.prepare(&meta, &item.delivery.data) {
+            Err(reason) => Prepared::Finished(self.dead_letter(item, reason).await),
+            Ok(call) => Prepared::Ready(Box::new(Ready {
+                item,
+                mode,
+                meta,
+                handler,
+                call,
+                order,
+                span,
+            })),
+        }
+    }
+
+    /// Acts on a delivery's inbox outcome: ack, hold, retry or dead-letter.
+    async fn conclude(&mut self, ran: Ran, applied: Result<Applied>) -> Finish<Item> {
+        let Ran {
+            mut item,
+            mode,
+            meta,
+            handler,
+            span,
+        } = ran;
         let applied = match applied {
             Ok(Applied::Late { last }) if self.shared.config.late == LatePolicy::Apply => {
                 Counters::add(&self.shared.counters.late);
@@ -199,18 +302,18 @@ impl Lane {
             Ok(Applied::Applied) => {
                 self.db_failures = 0;
                 Counters::add(&counters.applied);
-                ack(&item.delivery).await;
+                self.acks.push(item.delivery.acker.clone());
                 Finish::Done
             }
             Ok(Applied::Duplicate) => {
                 Counters::add(&counters.duplicates);
-                ack(&item.delivery).await;
+                self.acks.push(item.delivery.acker.clone());
                 Finish::Done
             }
             Ok(Applied::Discarded(reason)) => {
                 tracing::info!(parent: &span, %reason, "handler discarded the message");
                 Counters::add(&counters.discarded);
-                ack(&item.delivery).await;
+                self.acks.push(item.delivery.acker.clone());
                 Finish::Done
             }
             Ok(Applied::Held { last }) => {
@@ -247,6 +350,73 @@ impl Lane {
             }
             Err(e) => self.failed_for_now(item, &e),
         }
+    }
+
+    /// Applies several deliveries (different keys, sync handlers) in one
+    /// transaction, each in its own savepoint: a handler's retry or discard
+    /// touches only its own message. If the commit fails, every one of them
+    /// failed.
+    async fn apply_together(&mut self, batch: Vec<Ready>) -> (Vec<Ran>, Vec<Result<Applied>>) {
+        let mut ran = Vec::with_capacity(batch.len());
+        let mut calls = Vec::with_capacity(batch.len());
+        for r in batch {
+            #[allow(irrefutable_let_patterns)] // only one variant without `async`
+            let Call::Sync(f) = r.call else {
+                unreachable!("only sync calls share a transaction")
+            };
+            let key = r.meta.key().map(|(k, s)| (k.to_owned(), s));
+            calls.push((f, r.meta.message_id, key, r.order, r.span.clone()));
+            ran.push(Ran {
+                item: r.item,
+                mode: r.mode,
+                meta: r.meta,
+                handler: r.handler,
+                span: r.span,
+            });
+        }
+        let n = calls.len();
+        let inbox = self.shared.inbox.clone();
+        let results = self
+            .with_conn(move |conn| {
+                let mut results = Vec::with_capacity(n);
+                conn.transaction::<(), diesel::result::Error, _>(|conn| {
+                    for (f, message_id, key, order, span) in calls {
+                        let _entered = span.enter();
+                        let incoming = Incoming {
+                            message_id,
+                            key: key.as_ref().map(|(k, s)| (k.as_str(), *s)),
+                        };
+                        // Nested: each message's transaction is a savepoint.
+                        results.push(match order {
+                            Order::Checked(ahead) => inbox.apply(conn, incoming, ahead, f),
+                            Order::Unordered => inbox.apply_unordered(conn, incoming, f),
+                        });
+                    }
+                    Ok(())
+                })
+                .map_err(|cause| Error::Database {
+                    operation: "committing a batch of messages",
+                    cause,
+                })?;
+                Ok(results)
+            })
+            .await;
+        let results = match results {
+            Ok(results) => results,
+            Err(e) => (0..n)
+                .map(|_| {
+                    Err(match &e {
+                        Error::Connect { what, url, cause } => Error::Connect {
+                            what,
+                            url: url.clone(),
+                            cause: cause.clone(),
+                        },
+                        other => Error::Handler(other.to_string()),
+                    })
+                })
+                .collect(),
+        };
+        (ran, results)
     }
 
     /// The inbox transaction with the handler, on the lane's connection.
@@ -394,7 +564,7 @@ impl Lane {
             }
         }
         counter.add(&self.shared.counters);
-        ack(&item.delivery).await;
+        self.acks.push(item.delivery.acker.clone());
         Finish::Done
     }
 
@@ -440,10 +610,16 @@ impl CounterRef {
     }
 }
 
-/// Acks after commit. A failed ack (the channel went away) is harmless: the
-/// broker redelivers and the inbox absorbs the duplicate.
-async fn ack(delivery: &Delivery) {
-    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+/// Sends the acks of a batch (all after its commit) side by side. A failed
+/// ack (the channel went away) is harmless: the broker redelivers and the
+/// inbox absorbs the duplicate.
+async fn flush_acks(acks: Vec<Acker>) {
+    let sent = futures_util::future::join_all(
+        acks.iter()
+            .map(|acker| acker.ack(BasicAckOptions::default())),
+    )
+    .await;
+    for e in sent.into_iter().filter_map(|r| r.err()) {
         tracing::debug!(error = %e, "ack failed; the redelivery will be a duplicate");
     }
 }

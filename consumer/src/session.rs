@@ -120,7 +120,7 @@ async fn consume(
     let mut idle: Vec<usize> = Vec::new();
     let mut pool = shared.take_connections();
     for index in 0..config.lanes {
-        let (tx, rx) = mpsc::channel::<(Item, Mode)>(1);
+        let (tx, rx) = mpsc::channel::<Vec<(Item, Mode)>>(1);
         let mut lane = Lane::new(index, Arc::clone(shared), dead_letters.clone());
         lane.conn = pool.pop();
         lanes.spawn(lane.run(rx, done_tx.clone()));
@@ -135,12 +135,17 @@ async fn consume(
     let outcome = loop {
         let now = Instant::now();
         while let Some(&lane) = idle.last() {
-            let Some(job) = scheduler.next(now) else {
+            // Share a backlog among the idle lanes, up to batch_size each.
+            let size = (scheduler.pending() / idle.len()).clamp(1, config.batch_size);
+            let batch: Vec<(Item, Mode)> = std::iter::from_fn(|| scheduler.next(now))
+                .take(size)
+                .collect();
+            if batch.is_empty() {
                 break;
-            };
+            }
             idle.pop();
             running += 1;
-            if senders[lane].send(job).await.is_err() {
+            if senders[lane].send(batch).await.is_err() {
                 break;
             }
         }
@@ -160,13 +165,14 @@ async fn consume(
             Some(done) = done_rx.recv() => {
                 running -= 1;
                 idle.push(done.lane);
-                if let Some(at) = scheduler.finish(&done.key, done.finish, Instant::now()) {
-                    let wake = wake_tx.clone();
-                    let key = done.key;
-                    tokio::spawn(async move {
-                        tokio::time::sleep_until(at.into()).await;
-                        let _ = wake.send(key);
-                    });
+                for (key, finish) in done.finished {
+                    if let Some(at) = scheduler.finish(&key, finish, Instant::now()) {
+                        let wake = wake_tx.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep_until(at.into()).await;
+                            let _ = wake.send(key);
+                        });
+                    }
                 }
             }
             Some(key) = wake_rx.recv() => scheduler.wake(&key, Instant::now()),
