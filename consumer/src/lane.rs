@@ -88,7 +88,7 @@ struct Ready {
 
 /// What preparing a delivery came to.
 enum Prepared {
-    Ready(Box<Ready>),
+    Ready(Ready),
     /// Settled without the inbox (dead-lettered, ignored) or to retry.
     Finished(Finish<Item>),
 }
@@ -168,7 +168,7 @@ impl Lane {
             let key = item.key.clone();
             match self.prepare(item, mode).await {
                 Prepared::Finished(finish) => finished.push((key, finish)),
-                Prepared::Ready(ready) => together.push(*ready),
+                Prepared::Ready(ready) => together.push(ready),
             }
         }
         // Async handlers, and a lone delivery, take the one-message path.
@@ -262,7 +262,7 @@ impl Lane {
         };
         match handler.prepare(&meta, &item.delivery.data) {
             Err(reason) => Prepared::Finished(self.dead_letter(item, reason).await),
-            Ok(call) => Prepared::Ready(Box::new(Ready {
+            Ok(call) => Prepared::Ready(Ready {
                 item,
                 mode,
                 meta,
@@ -270,7 +270,7 @@ impl Lane {
                 call,
                 order,
                 span,
-            })),
+            }),
         }
     }
 
