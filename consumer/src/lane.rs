@@ -87,6 +87,8 @@ struct Ready {
 }
 
 /// What preparing a delivery came to.
+// Both variants hold a delivery; boxing one would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Prepared {
     Ready(Ready),
     /// Settled without the inbox (dead-lettered, ignored) or to retry.
