@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::mpsc;
@@ -85,7 +83,7 @@ async fn consume(
 
     // A channel per queue: its prefetch window is its own, and closing it
     // hands that queue's unacked deliveries back.
-    let mut subscriptions: Vec<(Channel, String)> = Vec::new();
+    let mut subscriptions: Vec<Channel> = Vec::new();
     let mut streams = Vec::new();
     for &index in queues {
         let queue = config.queue(index);
@@ -109,7 +107,7 @@ async fn consume(
             .map_err(broker("subscribing to the queue"))?;
         tracing::info!(consumer = %config.name, %queue, "subscribed");
         streams.push(consumer);
-        subscriptions.push((channel, tag));
+        subscriptions.push(channel);
     }
     let mut deliveries = futures_util::stream::select_all(streams);
 
@@ -179,12 +177,11 @@ async fn consume(
         }
     };
 
-    // Wind down: no new deliveries; let running handlers finish and ack.
-    for (channel, tag) in &subscriptions {
-        let _ = channel
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await;
-    }
+    // Wind down: take no more deliveries; let running handlers finish and
+    // ack. No basic.cancel: it would make a standby instance the queue's
+    // active consumer while this one still holds earlier deliveries of its
+    // keys, and new messages would reach the standby ahead of them. Closing
+    // the channels below hands everything unacked back in order first.
     let waiting = scheduler.pending();
     scheduler.drain();
     drop(senders);
@@ -212,7 +209,7 @@ async fn consume(
     shared.return_connections(kept);
     // Closing the channels hands every unacked delivery (held, retrying,
     // waiting) back to its queue, in order.
-    for (channel, _) in subscriptions {
+    for channel in subscriptions {
         let _ = channel.close(200, "consumer session over".into()).await;
     }
     let _ = dead_letters
