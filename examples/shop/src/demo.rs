@@ -62,7 +62,7 @@ impl DemoConfig {
                 .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into()),
             prefix: prefix.to_owned(),
             orders: 500,
-            rate: 200,
+            rate: 50,
             cancel_every: 5,
             v2_every: 3,
             faults: false,

@@ -14,7 +14,7 @@ struct Args {
     #[arg(long, default_value_t = 500)]
     orders: usize,
     /// Orders per second (0: as fast as possible).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 50)]
     rate: u32,
     /// Cancel every n-th order (0: none).
     #[arg(long, default_value_t = 5)]
@@ -50,7 +50,7 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "error".into()),
+                .unwrap_or_else(|_| "error,lapin=off".into()),
         )
         .init();
     let args = Args::parse();
