@@ -157,6 +157,33 @@ impl Consumer {
         self.shared.counters.snapshot()
     }
 
+    /// Declares the consumer's queues, exchanges and bindings now
+    /// (idempotently) and returns. [`Consumer::run`] does it too, but a
+    /// message published before its consumer's binding exists never reaches
+    /// that consumer (and `mandatory` does not catch it when another
+    /// consumer's queue took it). So declare at deploy time, or before the
+    /// producers start.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Connect`], [`Error::Broker`] or [`Error::Topology`].
+    pub async fn declare(&self) -> Result<()> {
+        let connection = session::connect(&self.shared).await?;
+        let result = async {
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| Error::Broker {
+                    operation: "opening a channel",
+                    cause: e.to_string(),
+                })?;
+            crate::topology::declare(&channel, &self.shared.config, &self.shared.routes).await
+        }
+        .await;
+        let _ = connection.close(200, "declared".into()).await;
+        result
+    }
+
     /// Declares the topology and consumes until `shutdown` is cancelled:
     /// then it stops taking deliveries, lets running handlers finish and
     /// ack (up to `shutdown_timeout`), closes its channels (unacked

@@ -181,7 +181,17 @@ impl Restartable {
 
     /// Kills the task hard (no graceful shutdown) and starts a new one.
     fn crash_and_restart(&mut self) {
+        self.abort();
+        self.restart();
+    }
+
+    /// Stops the task where it is.
+    fn abort(&mut self) {
         self.task.abort();
+    }
+
+    /// Starts a new task.
+    fn restart(&mut self) {
         self.token = CancellationToken::new();
         self.task = (self.start)(self.token.clone());
     }
@@ -248,8 +258,13 @@ async fn run_in(config: &DemoConfig, vhost: &str, started: Instant) -> anyhow::R
         ..relay::RelayConfig::default()
     };
     let consumer_config = |name: &str, schema: &str| {
-        let mut c =
-            ConsumerConfig::new(name, &service_url(&config.database_url, schema), &amqp_url);
+        // The application name lets a simulated crash find its sessions.
+        let url = format!(
+            "{}&application_name={}",
+            service_url(&config.database_url, schema),
+            crash_tag(&config.prefix, name)
+        );
+        let mut c = ConsumerConfig::new(name, &url, &amqp_url);
         c.schema = schema.to_owned();
         c.lanes = 4;
         c.retry.max_delay = Duration::from_secs(2);
@@ -316,9 +331,18 @@ async fn run_in(config: &DemoConfig, vhost: &str, started: Instant) -> anyhow::R
                     faults.0 += 1;
                 }
                 1 => {
-                    // The billing consumer crashes mid-work; its unacked
-                    // deliveries come back to whoever consumes next.
-                    running[0].crash_and_restart();
+                    // The billing consumer crashes mid-work: as when its
+                    // process dies, its tasks stop and its database and
+                    // broker connections drop (open transactions roll back,
+                    // unacked deliveries go back to the queue).
+                    let (url, vhost) = (config.database_url.clone(), vhost.to_owned());
+                    let tag = crash_tag(&config.prefix, "billing");
+                    running[0].abort();
+                    tokio::task::spawn_blocking(move || {
+                        kill_connections(&url, &tag, &vhost, "consumer billing")
+                    })
+                    .await??;
+                    running[0].restart();
                     faults.1 += 1;
                 }
                 _ => {
@@ -426,9 +450,12 @@ async fn run_in(config: &DemoConfig, vhost: &str, started: Instant) -> anyhow::R
         checks,
         elapsed: started.elapsed(),
     };
-    let mut admin = PgConnection::establish(&config.database_url)?;
-    for schema in [&schemas.order, &schemas.billing, &schemas.logistics] {
-        admin.batch_execute(&format!(r#"DROP SCHEMA IF EXISTS "{schema}" CASCADE"#))?;
+    // A failed run keeps its schemas for inspection.
+    if report.passed() {
+        let mut admin = PgConnection::establish(&config.database_url)?;
+        for schema in [&schemas.order, &schemas.billing, &schemas.logistics] {
+            admin.batch_execute(&format!(r#"DROP SCHEMA IF EXISTS "{schema}" CASCADE"#))?;
+        }
     }
     Ok(report)
 }
@@ -702,6 +729,42 @@ fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The `application_name` of a consumer's database sessions in this run.
+fn crash_tag(prefix: &str, consumer: &str) -> String {
+    format!("{prefix}-{consumer}")
+}
+
+/// What a process death does to its connections: ends the database
+/// sessions named `tag` and closes the broker connections to `vhost` named
+/// `connection`. An aborted task alone would leave both running.
+fn kill_connections(url: &str, tag: &str, vhost: &str, connection: &str) -> anyhow::Result<()> {
+    let mut conn = PgConnection::establish(url)?;
+    diesel::sql_query(
+        "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind::<diesel::sql_types::Text, _>(tag)
+    .get_result::<Count>(&mut conn)?;
+    let listing = rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "pid",
+        "vhost",
+        "client_properties",
+    ])?;
+    for line in listing.lines() {
+        let mut fields = line.splitn(3, char::is_whitespace);
+        if let (Some(pid), Some(v), Some(properties)) =
+            (fields.next(), fields.next(), fields.next())
+            && v == vhost
+            && properties.contains(connection)
+        {
+            let _ = rabbitmqctl(&["close_connection", pid, "demo fault: consumer crashed"]);
+        }
+    }
+    Ok(())
 }
 
 /// Closes every client connection to `vhost` from the broker's side.
