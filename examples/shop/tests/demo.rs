@@ -2,14 +2,13 @@
 //! every service's tables match what was ordered, with and without faults
 //! (relay and consumer killed and restarted, broker connections cut).
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use shop::demo::{DemoConfig, run};
 
 /// One demo at a time: each runs every service of the shop, and two at once
 /// on two cores crowd the database's connection limit and the CPU.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn small(prefix: &str) -> DemoConfig {
     DemoConfig {
@@ -24,7 +23,7 @@ fn small(prefix: &str) -> DemoConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shop_is_consistent_after_a_small_load() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = ONE_AT_A_TIME.lock().await;
     let report = run(&small("shop_ok")).await.unwrap();
     assert!(report.passed(), "{report}");
     assert_eq!(report.orders_placed, 60);
@@ -41,7 +40,7 @@ async fn the_shop_is_consistent_after_a_small_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shop_stays_consistent_when_relay_consumer_and_connections_fail() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = ONE_AT_A_TIME.lock().await;
     let config = DemoConfig {
         orders: 160,
         rate: 20,
