@@ -299,6 +299,7 @@ impl Lane {
             }
             other => other,
         };
+        tracing::debug!(parent: &span, outcome = ?applied, "inbox outcome");
         let counters = &self.shared.counters;
         match applied {
             Ok(Applied::Applied) => {

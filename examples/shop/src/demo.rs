@@ -285,6 +285,11 @@ async fn run_in(config: &DemoConfig, vhost: &str, started: Instant) -> anyhow::R
         ("order", order_events),
     ];
 
+    // Bind before anything is published: an event published before its
+    // consumer's binding exists never reaches that consumer.
+    for (_, c) in &consumers {
+        c.declare().await?;
+    }
     let mut order_relay = Restartable::new(relay_task(relay_for(&schemas.order)));
     let logistics_relay = Restartable::new(relay_task(relay_for(&schemas.logistics)));
     let mut running: Vec<Restartable> = consumers
