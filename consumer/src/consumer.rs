@@ -295,20 +295,20 @@ async fn membership(
     loop {
         let beat = {
             let shared = Arc::clone(&shared);
-            let mut taken = conn.take();
+            let taken = conn.take();
             tokio::task::spawn_blocking(move || {
-                let c = match taken.take() {
+                let mut c = match taken {
                     Some(c) => c,
                     None => PgConnection::establish(&shared.config.database_url)
                         .map_err(|e| e.to_string())?,
                 };
-                let mut c = c;
+                let config = &shared.config;
                 let live = members::heartbeat(
                     &mut c,
-                    &shared.config.schema,
-                    &shared.config.name,
+                    &config.schema,
+                    &config.name,
                     instance,
-                    shared.config.member_ttl,
+                    config.member_ttl,
                 )
                 .map_err(|e| e.to_string())?;
                 Ok::<_, String>((c, live))

@@ -32,12 +32,17 @@ pub(crate) trait Erased: Send + Sync {
     fn prepare(&self, meta: &Meta, body: &[u8]) -> Result<Call, String>;
 }
 
-fn decode<E: DeserializeOwned>(body: &[u8]) -> Result<E, String> {
-    serde_json::from_slice(body).map_err(|e| {
+/// The typed envelope of a delivery; `Err` says why the body does not fit `E`.
+fn envelope<E: DeserializeOwned>(meta: &Meta, body: &[u8]) -> Result<Envelope<E>, String> {
+    let event = serde_json::from_slice(body).map_err(|e| {
         format!(
             "body does not deserialize as {}: {e}",
             std::any::type_name::<E>()
         )
+    })?;
+    Ok(Envelope {
+        event,
+        meta: meta.clone(),
     })
 }
 
@@ -52,10 +57,7 @@ where
     F: Fn(&mut PgConnection, Envelope<E>) -> HandlerResult + Send + Sync + 'static,
 {
     fn prepare(&self, meta: &Meta, body: &[u8]) -> Result<Call, String> {
-        let envelope = Envelope {
-            event: decode::<E>(body)?,
-            meta: meta.clone(),
-        };
+        let envelope = envelope::<E>(meta, body)?;
         let f = Arc::clone(&self.f);
         Ok(Call::Sync(Box::new(move |conn| f(conn, envelope))))
     }
@@ -80,10 +82,7 @@ where
         + 'static,
 {
     fn prepare(&self, meta: &Meta, body: &[u8]) -> Result<Call, String> {
-        let envelope = Envelope {
-            event: decode::<E>(body)?,
-            meta: meta.clone(),
-        };
+        let envelope = envelope::<E>(meta, body)?;
         let f = Arc::clone(&self.f);
         Ok(Call::Async(Box::new(move |conn| f(conn, envelope))))
     }

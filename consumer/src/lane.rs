@@ -118,6 +118,46 @@ pub(crate) struct Lane {
     acks: Vec<Acker>,
 }
 
+/// A sync handler call with what the inbox needs to run it; the same
+/// whether it runs alone or in a batch's transaction.
+struct InboxCall {
+    f: Box<dyn FnOnce(&mut PgConnection) -> crate::handler::HandlerResult + Send>,
+    message_id: uuid::Uuid,
+    key: Option<(String, i64)>,
+    order: Order,
+    span: tracing::Span,
+}
+
+impl InboxCall {
+    fn new(
+        f: Box<dyn FnOnce(&mut PgConnection) -> crate::handler::HandlerResult + Send>,
+        meta: &Meta,
+        order: Order,
+        span: tracing::Span,
+    ) -> Self {
+        InboxCall {
+            f,
+            message_id: meta.message_id,
+            key: meta.key().map(|(k, s)| (k.to_owned(), s)),
+            order,
+            span,
+        }
+    }
+
+    /// The inbox transaction (a savepoint when `conn` is in one already).
+    fn run(self, inbox: &crate::inbox::Inbox, conn: &mut PgConnection) -> Result<Applied> {
+        let _entered = self.span.enter();
+        let incoming = Incoming {
+            message_id: self.message_id,
+            key: self.key.as_ref().map(|(k, s)| (k.as_str(), *s)),
+        };
+        match self.order {
+            Order::Checked(ahead) => inbox.apply(conn, incoming, ahead, self.f),
+            Order::Unordered => inbox.apply_unordered(conn, incoming, self.f),
+        }
+    }
+}
+
 /// How the inbox is asked to order a message.
 #[derive(Debug, Clone, Copy)]
 enum Order {
@@ -183,10 +223,20 @@ impl Lane {
             (shared_txn, alone)
         };
         if !shared_txn.is_empty() {
-            let (ran, results) = self.apply_together(shared_txn).await;
-            for (ran, applied) in ran.into_iter().zip(results) {
-                let key = ran.item.key.clone();
-                finished.push((key, self.conclude(ran, applied).await));
+            match self.apply_together(shared_txn).await {
+                (ran, Ok(results)) => {
+                    for (ran, applied) in ran.into_iter().zip(results) {
+                        let key = ran.item.key.clone();
+                        finished.push((key, self.conclude(ran, applied).await));
+                    }
+                }
+                // The commit failed: nothing of the batch was applied.
+                (ran, Err(e)) => {
+                    for ran in ran {
+                        let key = ran.item.key.clone();
+                        finished.push((key, self.failed_for_now(ran.item, &e)));
+                    }
+                }
             }
         }
         for ready in alone.drain(..) {
@@ -359,7 +409,10 @@ impl Lane {
     /// transaction, each in its own savepoint: a handler's retry or discard
     /// touches only its own message. If the commit fails, every one of them
     /// failed.
-    async fn apply_together(&mut self, batch: Vec<Ready>) -> (Vec<Ran>, Vec<Result<Applied>>) {
+    async fn apply_together(
+        &mut self,
+        batch: Vec<Ready>,
+    ) -> (Vec<Ran>, Result<Vec<Result<Applied>>>) {
         let mut ran = Vec::with_capacity(batch.len());
         let mut calls = Vec::with_capacity(batch.len());
         for r in batch {
@@ -367,8 +420,7 @@ impl Lane {
             let Call::Sync(f) = r.call else {
                 unreachable!("only sync calls share a transaction")
             };
-            let key = r.meta.key().map(|(k, s)| (k.to_owned(), s));
-            calls.push((f, r.meta.message_id, key, r.order, r.span.clone()));
+            calls.push(InboxCall::new(f, &r.meta, r.order, r.span.clone()));
             ran.push(Ran {
                 item: r.item,
                 mode: r.mode,
@@ -377,24 +429,13 @@ impl Lane {
                 span: r.span,
             });
         }
-        let n = calls.len();
         let inbox = self.shared.inbox.clone();
         let results = self
             .with_conn(move |conn| {
-                let mut results = Vec::with_capacity(n);
+                let mut results = Vec::with_capacity(calls.len());
                 conn.transaction::<(), diesel::result::Error, _>(|conn| {
-                    for (f, message_id, key, order, span) in calls {
-                        let _entered = span.enter();
-                        let incoming = Incoming {
-                            message_id,
-                            key: key.as_ref().map(|(k, s)| (k.as_str(), *s)),
-                        };
-                        // Nested: each message's transaction is a savepoint.
-                        results.push(match order {
-                            Order::Checked(ahead) => inbox.apply(conn, incoming, ahead, f),
-                            Order::Unordered => inbox.apply_unordered(conn, incoming, f),
-                        });
-                    }
+                    // Nested: each message's transaction is a savepoint.
+                    results.extend(calls.into_iter().map(|call| call.run(&inbox, conn)));
                     Ok(())
                 })
                 .map_err(|cause| Error::Database {
@@ -404,21 +445,6 @@ impl Lane {
                 Ok(results)
             })
             .await;
-        let results = match results {
-            Ok(results) => results,
-            Err(e) => (0..n)
-                .map(|_| {
-                    Err(match &e {
-                        Error::Connect { what, url, cause } => Error::Connect {
-                            what,
-                            url: url.clone(),
-                            cause: cause.clone(),
-                        },
-                        other => Error::Handler(other.to_string()),
-                    })
-                })
-                .collect(),
-        };
         (ran, results)
     }
 
@@ -430,37 +456,23 @@ impl Lane {
         order: Order,
         span: tracing::Span,
     ) -> Result<Applied> {
-        let message_id = meta.message_id;
-        let key = meta.key().map(|(k, s)| (k.to_owned(), s));
         match call {
             Call::Sync(f) => {
                 let inbox = self.shared.inbox.clone();
-                self.with_conn(move |conn| {
-                    let _entered = span.enter();
-                    let incoming = Incoming {
-                        message_id,
-                        key: key.as_ref().map(|(k, s)| (k.as_str(), *s)),
-                    };
-                    match order {
-                        Order::Checked(ahead) => inbox.apply(conn, incoming, ahead, f),
-                        Order::Unordered => inbox.apply_unordered(conn, incoming, f),
-                    }
-                })
-                .await
+                let call = InboxCall::new(f, meta, order, span);
+                self.with_conn(move |conn| call.run(&inbox, conn)).await
             }
             #[cfg(feature = "async")]
             Call::Async(f) => {
                 use tracing::Instrument;
-                let incoming_key = key.as_ref().map(|(k, s)| (k.as_str(), *s));
                 let incoming = Incoming {
-                    message_id,
-                    key: incoming_key,
+                    message_id: meta.message_id,
+                    key: meta.key(),
                 };
-                let conn = match self.async_conn.take() {
+                let mut conn = match self.async_conn.take() {
                     Some(c) => c,
                     None => crate::inbox_async::connect(&self.shared.config.database_url).await?,
                 };
-                let mut conn = conn;
                 let inbox = self.shared.inbox.clone();
                 let result = async {
                     match order {

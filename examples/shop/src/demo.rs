@@ -352,8 +352,8 @@ async fn run_in(config: &DemoConfig, vhost: &str, started: Instant) -> anyhow::R
                 }
                 _ => {
                     let vhost = vhost.to_owned();
-                    let cut =
-                        tokio::task::spawn_blocking(move || close_connections(&vhost)).await??;
+                    let cut = tokio::task::spawn_blocking(move || close_connections(&vhost, None))
+                        .await??;
                     faults.2 += u32::from(cut > 0);
                 }
             }
@@ -751,6 +751,13 @@ fn kill_connections(url: &str, tag: &str, vhost: &str, connection: &str) -> anyh
     )
     .bind::<diesel::sql_types::Text, _>(tag)
     .get_result::<Count>(&mut conn)?;
+    close_connections(vhost, Some(connection))?;
+    Ok(())
+}
+
+/// Closes, from the broker's side, the client connections to `vhost`
+/// (only those whose client properties mention `named`, when given).
+fn close_connections(vhost: &str, named: Option<&str>) -> anyhow::Result<usize> {
     let listing = rabbitmqctl(&[
         "list_connections",
         "-q",
@@ -759,36 +766,15 @@ fn kill_connections(url: &str, tag: &str, vhost: &str, connection: &str) -> anyh
         "vhost",
         "client_properties",
     ])?;
-    for line in listing.lines() {
-        let mut fields = line.splitn(3, char::is_whitespace);
-        if let (Some(pid), Some(v), Some(properties)) =
-            (fields.next(), fields.next(), fields.next())
-            && v == vhost
-            && properties.contains(connection)
-        {
-            let _ = rabbitmqctl(&["close_connection", pid, "demo fault: consumer crashed"]);
-        }
-    }
-    Ok(())
-}
-
-/// Closes every client connection to `vhost` from the broker's side.
-fn close_connections(vhost: &str) -> anyhow::Result<usize> {
-    let listing = rabbitmqctl(&[
-        "list_connections",
-        "-q",
-        "--no-table-headers",
-        "pid",
-        "vhost",
-    ])?;
     let mut closed = 0;
     for line in listing.lines() {
-        let mut fields = line.split_whitespace();
-        let (Some(pid), Some(v)) = (fields.next(), fields.next()) else {
+        let mut fields = line.splitn(3, char::is_whitespace);
+        let (Some(pid), Some(v), properties) = (fields.next(), fields.next(), fields.next()) else {
             continue;
         };
         if v == vhost
-            && rabbitmqctl(&["close_connection", pid, "demo fault: connection cut"]).is_ok()
+            && named.is_none_or(|n| properties.is_some_and(|p| p.contains(n)))
+            && rabbitmqctl(&["close_connection", pid, "demo fault"]).is_ok()
         {
             closed += 1;
         }
