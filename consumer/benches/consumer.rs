@@ -16,7 +16,7 @@
 //!    messages of [`PAYLOAD_BYTES`] bytes of JSON over [`KEYS`] ordering keys
 //!    from a queue of its own: what the broker and client can do.
 //! 2. **Consumer**: [`consumer::Consumer`] with a no-op handler, dedupe and
-//!    ordering on (one inbox transaction per message), default config (8
+//!    ordering on (inbox transactions, batched when a backlog waits), default config (8
 //!    lanes, prefetch 256), draining the same backlog: the time from
 //!    starting it until `stats().applied` reaches [`MESSAGES`]; events/s
 //!    and the ratio to the baseline. Then [`LANE_MESSAGES`] with each of
@@ -137,7 +137,7 @@ async fn run(bench: &Bench, cores: usize) -> Result<()> {
     let library = backlog(bench, default_lanes, MESSAGES).await?;
     let ratio = library.rate() / baseline.rate();
     println!(
-        "\n[2] consumer, no-op handler, dedupe + ordering (inbox transaction per message), {default_lanes} lanes:"
+        "\n[2] consumer, no-op handler, dedupe + ordering (batched inbox transactions), {default_lanes} lanes:"
     );
     println!("    {}", library.describe());
     println!(

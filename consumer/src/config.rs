@@ -62,9 +62,11 @@ pub struct ConsumerConfig {
     /// Defaults to 8.
     pub lanes: usize,
     /// Deliveries (of different keys) a lane applies in one transaction
-    /// when a backlog waits: one commit for the batch instead of one per
-    /// message, each message in its own savepoint. 1 applies each alone.
-    /// Defaults to 32.
+    /// when a backlog waits: one statement records them all, one moves
+    /// their keys, one commit. If one is out of turn or its handler does not
+    /// succeed, the batch is rolled back and applied again, each message in
+    /// its own savepoint (so a handler may run twice; only one run's writes
+    /// commit). 1 applies each alone. Defaults to 32.
     pub batch_size: usize,
     /// Backoff for handler retries (the key waits, other keys go on) and
     /// for reconnecting. After `max_attempts` the message is dead-lettered.

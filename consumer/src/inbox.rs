@@ -321,6 +321,16 @@ pub(crate) fn finish(result: std::result::Result<Applied, Abort>) -> Result<Appl
 }
 
 impl Inbox {
+    /// The consumer name this inbox records for.
+    pub(crate) fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// The schema-qualified keys and messages tables.
+    pub(crate) fn tables(&self) -> (&str, &str) {
+        (&self.keys_table, &self.messages_table)
+    }
+
     fn move_key(&self, conn: &mut PgConnection, message: Incoming<'_>) -> diesel::QueryResult<()> {
         if let Some(query) = self.move_key_query(message) {
             query.execute(conn)?;

@@ -13,6 +13,7 @@ use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use tokio::sync::mpsc;
 
+use crate::batch::{self, BatchCall};
 use crate::config::{GapPolicy, LatePolicy, UnknownPolicy};
 use crate::consumer::Shared;
 use crate::dead_letter::{self, DeadLetter};
@@ -406,9 +407,11 @@ impl Lane {
     }
 
     /// Applies several deliveries (different keys, sync handlers) in one
-    /// transaction, each in its own savepoint: a handler's retry or discard
-    /// touches only its own message. If the commit fails, every one of them
-    /// failed.
+    /// transaction. First the fast way, every message in one pass
+    /// ([`batch::apply_batch`]); if one of them needs undoing on its own,
+    /// again with each message in its own savepoint, so a handler's retry
+    /// or discard touches only its own message. If the commit fails, every
+    /// one of them failed.
     async fn apply_together(
         &mut self,
         batch: Vec<Ready>,
@@ -429,13 +432,29 @@ impl Lane {
                 span: r.span,
             });
         }
+        let orders: Vec<Order> = calls.iter().map(|c| c.order).collect();
+        let calls: Vec<Result<InboxCall>> = match self.apply_in_one_pass(calls).await {
+            Ok(Ok(outcomes)) => return (ran, Ok(outcomes.into_iter().map(Ok).collect())),
+            Err(e) => return (ran, Err(e)),
+            // The calls are spent: make them again from the deliveries.
+            Ok(Err(calls)) if calls.is_empty() => ran
+                .iter()
+                .zip(&orders)
+                .map(|(r, order)| prepare_sync(r, *order))
+                .collect(),
+            Ok(Err(calls)) => calls.into_iter().map(Ok).collect(),
+        };
         let inbox = self.shared.inbox.clone();
         let results = self
             .with_conn(move |conn| {
                 let mut results = Vec::with_capacity(calls.len());
                 conn.transaction::<(), diesel::result::Error, _>(|conn| {
                     // Nested: each message's transaction is a savepoint.
-                    results.extend(calls.into_iter().map(|call| call.run(&inbox, conn)));
+                    results.extend(
+                        calls
+                            .into_iter()
+                            .map(|call| call.and_then(|call| call.run(&inbox, conn))),
+                    );
                     Ok(())
                 })
                 .map_err(|cause| Error::Database {
@@ -446,6 +465,50 @@ impl Lane {
             })
             .await;
         (ran, results)
+    }
+
+    /// The one-pass batch, when every message takes the ordered path.
+    /// `Ok(Err(calls))` hands back calls that never ran (the batch does not
+    /// qualify), or none when they were spent on a pass that rolled back.
+    async fn apply_in_one_pass(
+        &mut self,
+        calls: Vec<InboxCall>,
+    ) -> Result<std::result::Result<Vec<Applied>, Vec<InboxCall>>> {
+        let Some(batch) = calls
+            .iter()
+            .map(|c| match c.order {
+                Order::Checked(ahead) => Some(ahead),
+                Order::Unordered => None,
+            })
+            .collect::<Option<Vec<AheadPolicy>>>()
+        else {
+            return Ok(Err(calls));
+        };
+        let batch: Vec<BatchCall> = calls
+            .into_iter()
+            .zip(batch)
+            .map(|(c, ahead)| BatchCall {
+                f: c.f,
+                message_id: c.message_id,
+                key: c.key,
+                ahead,
+                span: c.span,
+            })
+            .collect();
+        let inbox = self.shared.inbox.clone();
+        match self
+            .with_conn(move |conn| batch::apply_batch(&inbox, conn, batch))
+            .await
+        {
+            Ok(outcomes) => Ok(outcomes.ok_or_else(Vec::new)),
+            // Perhaps one handler's statement failed and took the shared
+            // transaction with it: the careful path finds out which.
+            Err(e @ Error::Database { .. }) => {
+                tracing::debug!(error = %e, "one-pass batch failed; applying it message by message");
+                Ok(Err(Vec::new()))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The inbox transaction with the handler, on the lane's connection.
@@ -607,6 +670,19 @@ impl Lane {
         tracing::warn!(consumer = %self.shared.config.name, message_id = ?id, %reason, "message dead-lettered");
         self.settle(item, Settled::DeadLettered, &CounterRef::DeadLettered)
             .await
+    }
+}
+
+/// A sync handler call made again from a delivery whose first call was
+/// spent (its body deserialized before, so it does again).
+fn prepare_sync(ran: &Ran, order: Order) -> Result<InboxCall> {
+    match ran.handler.prepare(&ran.meta, &ran.item.delivery.data) {
+        Ok(Call::Sync(f)) => Ok(InboxCall::new(f, &ran.meta, order, ran.span.clone())),
+        #[cfg(feature = "async")]
+        Ok(Call::Async(_)) => Err(Error::Handler(
+            "a sync handler's call came back async".to_owned(),
+        )),
+        Err(reason) => Err(Error::Handler(reason)),
     }
 }
 

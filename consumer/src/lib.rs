@@ -41,7 +41,9 @@
 //! side by side on `lanes` connections. A retry waits inside its key while
 //! other keys go on; after the last attempt, or at once for a body that
 //! does not deserialize, the message goes to the dead-letter queue with the
-//! reason in headers, and its key moves on.
+//! reason in headers, and its key moves on. When a backlog waits, a lane
+//! applies up to `batch_size` deliveries of different keys in one such
+//! transaction (see [`ConsumerConfig::batch_size`]).
 //!
 //! # Layout
 //!
@@ -51,8 +53,8 @@
 //! - [`envelope`]: [`Envelope`] and [`Meta`], what a handler receives.
 //! - [`dead_letter`]: dead-letter headers and [`replay_dead_letters`].
 //! - [`sequence`], [`route`]: pure rules (key position, topic patterns).
-//! - `session`, `lane`, `schedule`: consuming, running one delivery,
-//!   choosing the next. `topology`, `members`: broker objects, queue sharing.
+//! - `session`, `lane`, `batch`, `schedule`: consuming, running a
+//!   delivery or a batch of them, choosing the next. `topology`, `members`: broker objects, queue sharing.
 //!
 //! # Features
 //!
@@ -60,6 +62,7 @@
 //! - `trace-context` (default): the handler span continues the message's
 //!   W3C trace context (with `tracing-opentelemetry`).
 
+mod batch;
 pub mod config;
 pub mod consumer;
 pub mod dead_letter;

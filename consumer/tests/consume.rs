@@ -148,6 +148,66 @@ async fn a_handler_failing_twice_is_applied_once_while_other_keys_go_on() {
     h.cleanup(1).await;
 }
 
+/// A backlog is applied in batches, one transaction each. A handler that
+/// fails inside a batch rolls the whole batch back, and the batch is applied
+/// again message by message: the others' first writes are undone, so every
+/// effect still appears once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_handler_in_a_batch_leaves_every_other_effect_applied_once() {
+    let h = Harness::new("c_batch").await;
+    let mut config = h.config();
+    // One lane: the backlog waits behind it, so batches fill up.
+    config.lanes = 1;
+    let calls = Arc::new(AtomicU32::new(0));
+    let failed = Arc::new(AtomicBool::new(false));
+    let record = h.recorder();
+    let handler = {
+        let (calls, failed) = (Arc::clone(&calls), Arc::clone(&failed));
+        move |conn: &mut diesel::PgConnection, e: consumer::Envelope<common::Ev>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            // Write first, then fail: the write must not survive.
+            record(conn, e.clone())?;
+            if e.meta.ordering_key.as_deref() == Some("k-39")
+                && e.meta.key_seq == Some(5)
+                && !failed.swap(true, Ordering::SeqCst)
+            {
+                return Err(HandlerError::Retry {
+                    after: None,
+                    reason: "once".into(),
+                });
+            }
+            Ok(())
+        }
+    };
+    let consumer = Consumer::builder(config)
+        .handle(&h.exchange, "order.*.submitted", handler)
+        .build()
+        .unwrap();
+    consumer.declare().await.unwrap();
+    let msgs: Vec<Msg> = (1..=5)
+        .flat_map(|seq| (0..40).map(move |k| Msg::keyed(&format!("k-{k}"), seq)))
+        .collect();
+    h.publish_all(&msgs).await;
+    let (shutdown, task) = spawn(&consumer);
+    wait_until("all applied", Duration::from_secs(30), || {
+        consumer.stats().applied == 200
+    })
+    .await;
+    let effects = h.effects();
+    assert_eq!(effects.len(), 200);
+    assert_once_and_in_order(&effects);
+    assert!(failed.load(Ordering::SeqCst), "the failure happened");
+    // 200 successful runs and the failed one; anything beyond that is a
+    // batch-mate run in the rolled-back pass, whose write is gone.
+    assert!(
+        calls.load(Ordering::SeqCst) > 201,
+        "the failure was inside a batch: {} handler calls",
+        calls.load(Ordering::SeqCst)
+    );
+    stop(shutdown, task).await;
+    h.cleanup(1).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_always_failing_message_is_dead_lettered_its_key_moves_on_and_replay_applies_it() {
     let h = Harness::new("c_dead").await;

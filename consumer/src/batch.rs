@@ -1,0 +1,180 @@
+//! The fast path for a batch of deliveries: one transaction with one
+//! statement that locks every key and records every message id, the
+//! handlers, one statement that moves every key, and one commit. Four round
+//! trips for the batch instead of four per message.
+//!
+//! It is only taken when nothing in the batch needs undoing on its own: no
+//! savepoints, so the moment a message is out of turn (held or late) or a
+//! handler does not succeed, the whole transaction is rolled back and the
+//! caller applies the batch the careful way, each message in its own
+//! savepoint (see [`crate::inbox::Inbox::apply`]). Nothing was committed, so
+//! that second pass sees exactly what the first one saw.
+
+use diesel::sql_types::{Array, BigInt, Nullable, Text};
+use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
+use uuid::Uuid;
+
+use crate::handler::HandlerResult;
+use crate::inbox::{AheadPolicy, Applied, Check, Inbox, Incoming, out_of_turn};
+use crate::{Error, Result};
+
+/// One message of a batch, with its handler call.
+pub(crate) struct BatchCall {
+    /// The handler, run on the batch's transaction.
+    pub(crate) f: Box<dyn FnOnce(&mut PgConnection) -> HandlerResult + Send>,
+    /// The AMQP `message_id`.
+    pub(crate) message_id: Uuid,
+    /// `x-ordering-key` and `x-key-seq`, when ordered.
+    pub(crate) key: Option<(String, i64)>,
+    /// What a message ahead of its key gets.
+    pub(crate) ahead: AheadPolicy,
+    /// The message's span, entered while its handler runs.
+    pub(crate) span: tracing::Span,
+}
+
+impl BatchCall {
+    fn incoming(&self) -> Incoming<'_> {
+        Incoming {
+            message_id: self.message_id,
+            key: self.key.as_ref().map(|(k, s)| (k.as_str(), *s)),
+        }
+    }
+}
+
+/// A message id the record statement inserted, with its key's position
+/// before the batch (NULL when unordered).
+#[derive(QueryableByName)]
+struct Fresh {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    message_id: Uuid,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    last_seq: Option<i64>,
+}
+
+/// Why the fast path gave up.
+enum Bail {
+    /// Something needs a savepoint: rolled back, take the careful path.
+    Careful,
+    Database(diesel::result::Error),
+}
+
+impl From<diesel::result::Error> for Bail {
+    fn from(e: diesel::result::Error) -> Self {
+        Bail::Database(e)
+    }
+}
+
+/// Applies `calls` (distinct keys, as the scheduler hands them out) in one
+/// transaction. `Ok(Some(outcomes))`, in the order of `calls`, holds only
+/// [`Applied::Applied`] and [`Applied::Duplicate`]. `Ok(None)`: nothing was
+/// committed and the handlers' calls are spent; apply the batch again
+/// message by message.
+///
+/// # Errors
+///
+/// [`Error::Database`] when a statement or the commit fails; nothing of
+/// the batch was applied.
+pub(crate) fn apply_batch(
+    inbox: &Inbox,
+    conn: &mut PgConnection,
+    calls: Vec<BatchCall>,
+) -> Result<Option<Vec<Applied>>> {
+    let result = conn.transaction::<Vec<Applied>, Bail, _>(|conn| {
+        let fresh: std::collections::HashMap<Uuid, Option<i64>> = record_query(inbox, &calls)
+            .load::<Fresh>(conn)?
+            .into_iter()
+            .map(|f| (f.message_id, f.last_seq))
+            .collect();
+        // Decide every message's turn before any handler runs: one out of
+        // turn means the careful path, and no handler should run twice
+        // for nothing.
+        for call in &calls {
+            if let Some(last) = fresh.get(&call.message_id)
+                && out_of_turn(*last, call.incoming(), Check::Order(call.ahead)).is_some()
+            {
+                return Err(Bail::Careful);
+            }
+        }
+        let mut outcomes = Vec::with_capacity(calls.len());
+        let mut moved: (Vec<String>, Vec<i64>) = (Vec::new(), Vec::new());
+        for call in calls {
+            if !fresh.contains_key(&call.message_id) {
+                outcomes.push(Applied::Duplicate);
+                continue;
+            }
+            let _entered = call.span.enter();
+            (call.f)(conn).map_err(|_| Bail::Careful)?;
+            if let Some((key, seq)) = call.key {
+                moved.0.push(key);
+                moved.1.push(seq);
+            }
+            outcomes.push(Applied::Applied);
+        }
+        if !moved.0.is_empty() {
+            move_keys_query(inbox, moved.0, moved.1).execute(conn)?;
+        }
+        Ok(outcomes)
+    });
+    match result {
+        Ok(outcomes) => Ok(Some(outcomes)),
+        Err(Bail::Careful) => Ok(None),
+        Err(Bail::Database(cause)) => Err(Error::Database {
+            operation: "applying a batch of messages",
+            cause,
+        }),
+    }
+}
+
+/// Locks the keys of the batch (creating missing ones at position 0), in
+/// key order so two writers of overlapping keys cannot deadlock, and only
+/// then inserts the dedupe rows: one row back per id that was new, with its
+/// key's position before the batch.
+fn record_query<'a>(inbox: &'a Inbox, calls: &[BatchCall]) -> crate::inbox::Query<'a> {
+    let (keys, messages) = inbox.tables();
+    // `locked` is an aggregate over every locked key: it has to finish
+    // before the first dedupe row is inserted, as in the one-message path.
+    let sql = format!(
+        "WITH input AS (
+             SELECT * FROM unnest($2::uuid[], $3::text[], $4::bigint[])
+                 AS i(message_id, ordering_key, key_seq)),
+         k AS (
+             INSERT INTO {keys} AS k (consumer, ordering_key, last_seq)
+             SELECT DISTINCT $1, ordering_key, 0::bigint FROM input
+             WHERE ordering_key IS NOT NULL ORDER BY 2
+             ON CONFLICT (consumer, ordering_key) DO UPDATE SET last_seq = k.last_seq
+             RETURNING k.ordering_key, k.last_seq),
+         m AS (
+             INSERT INTO {messages} AS m (consumer, message_id, ordering_key, key_seq, outcome)
+             SELECT $1, i.message_id, i.ordering_key, i.key_seq, 'applied'
+             FROM input i, (SELECT count(*) FROM k) AS locked
+             ON CONFLICT DO NOTHING
+             RETURNING m.message_id, m.ordering_key)
+         SELECT m.message_id, k.last_seq FROM m LEFT JOIN k ON k.ordering_key = m.ordering_key"
+    );
+    let ids: Vec<Uuid> = calls.iter().map(|c| c.message_id).collect();
+    let keys: Vec<Option<String>> = calls
+        .iter()
+        .map(|c| c.key.as_ref().map(|k| k.0.clone()))
+        .collect();
+    let seqs: Vec<Option<i64>> = calls.iter().map(|c| c.key.as_ref().map(|k| k.1)).collect();
+    diesel::sql_query(sql)
+        .into_boxed()
+        .bind::<Text, _>(inbox.consumer())
+        .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+        .bind::<Array<Nullable<Text>>, _>(keys)
+        .bind::<Array<Nullable<BigInt>>, _>(seqs)
+}
+
+/// Moves each key of the batch to its message's sequence (never back).
+fn move_keys_query(inbox: &Inbox, keys: Vec<String>, seqs: Vec<i64>) -> crate::inbox::Query<'_> {
+    let (table, _) = inbox.tables();
+    diesel::sql_query(format!(
+        "UPDATE {table} AS k SET last_seq = GREATEST(k.last_seq, u.key_seq), updated_at = now()
+         FROM unnest($2::text[], $3::bigint[]) AS u(ordering_key, key_seq)
+         WHERE k.consumer = $1 AND k.ordering_key = u.ordering_key"
+    ))
+    .into_boxed()
+    .bind::<Text, _>(inbox.consumer())
+    .bind::<Array<Text>, _>(keys)
+    .bind::<Array<BigInt>, _>(seqs)
+}
