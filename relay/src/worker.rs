@@ -59,7 +59,10 @@ impl Wake {
 
 /// What one batch did.
 struct Batch {
-    rows: usize,
+    /// The partitions it claimed rows from (in one transaction).
+    claimed: Vec<i16>,
+    /// Those whose claim came back full: probably more is waiting.
+    full: Vec<i16>,
 }
 
 /// Extra time a batch may take beyond the confirm timeout (its SQL).
@@ -147,35 +150,36 @@ pub(crate) async fn run(index: usize, partitions: Vec<i16>, wake: Arc<Wake>, sha
         let mut more = false;
         let mut drop_db = false;
         failed = false;
-        while let Some(partition) = (!targets.is_empty()).then(|| targets.remove(0)) {
+        while !targets.is_empty() {
             if shared.cancel.is_cancelled() {
                 break;
             }
-            let span = info_span!("batch", worker = index, partition);
+            let span = info_span!("batch", worker = index, partitions = ?targets);
             let batch = tokio::time::timeout(
                 config.confirm_timeout + BATCH_SLACK,
-                process(&shared, conn, channel, partition),
+                process(&shared, conn, channel, &targets),
             )
             .instrument(span)
             .await;
             match batch {
                 Ok(Ok(batch)) => {
                     backoff = config.retry.reconnect_delays();
-                    if batch.rows >= config.batch_size as usize {
-                        // A full batch: there is probably more; go again at once.
+                    targets.retain(|p| !batch.claimed.contains(p));
+                    for partition in batch.full {
+                        // A full claim: there is probably more; go again at once.
                         wake.mark(partition);
                         more = true;
                     }
                 }
                 Ok(Err(e)) => {
-                    warn!(worker = index, partition, error = %e, "batch failed; reconnecting");
+                    warn!(worker = index, partitions = ?targets, error = %e, "batch failed; reconnecting");
                     drop_db = true; // the connection may be broken; a fresh one is cheap
                     failed = true;
                 }
                 Err(_) => {
                     warn!(
                         worker = index,
-                        partition, "batch took too long; reconnecting"
+                        partitions = ?targets, "batch took too long; reconnecting"
                     );
                     drop_db = true; // the cut-off query leaves the connection unusable
                     failed = true;
@@ -206,13 +210,21 @@ pub(crate) async fn run(index: usize, partitions: Vec<i16>, wake: Arc<Wake>, sha
     debug!(worker = index, "worker stopped");
 }
 
-/// A database connection with the session limits the relay relies on: a
+/// A database connection with the session settings the relay relies on: a
 /// relay that dies mid-batch must not keep its partition locks for long.
+///
+/// `synchronous_commit = off`: a batch's commit (rows marked published)
+/// does not wait for its WAL flush, which keeps a disk flush out of every
+/// event's path to the broker. Losing such a commit in a database crash
+/// only makes its rows pending again: they are sent again with the same
+/// message ids, a duplicate the consumers absorb, never a loss. (The
+/// producers' commits, which create the events, stay synchronous.)
 async fn connect_database(shared: &Shared) -> Result<AsyncPgConnection> {
     let mut conn = store::connect(&shared.config.database_url).await?;
     let idle_ms = (shared.config.confirm_timeout + BATCH_SLACK).as_millis();
     conn.batch_execute(&format!(
-        "SET idle_in_transaction_session_timeout = {idle_ms}; SET statement_timeout = {}",
+        "SET idle_in_transaction_session_timeout = {idle_ms}; SET statement_timeout = {}; \
+         SET synchronous_commit = off",
         BATCH_SLACK.as_millis()
     ))
     .await
@@ -220,13 +232,17 @@ async fn connect_database(shared: &Shared) -> Result<AsyncPgConnection> {
     Ok(conn)
 }
 
-/// One batch of one partition, in one transaction that holds the
-/// partition's lock from the read until the results are recorded.
+/// One batch, in one transaction: claims rows from `partitions` in turn
+/// until `batch_size` rows are claimed (each claim takes its partition's
+/// lock, held until the results are recorded), publishes them together,
+/// waits for their confirms once and records the results. Several quiet
+/// partitions with news thus cost one confirm wait and one commit, not one
+/// each: that keeps an event from waiting behind other partitions' batches.
 async fn process(
     shared: &Shared,
     conn: &mut AsyncPgConnection,
     publisher: &Publisher,
-    partition: i16,
+    partitions: &[i16],
 ) -> Result<Batch> {
     let config = &shared.config;
     let store = &shared.store;
@@ -234,10 +250,26 @@ async fn process(
     conn.build_transaction()
         .read_committed()
         .run(async |conn| {
-            // Empty also when another relay holds the partition now.
-            let rows = store.claim(conn, partition, config.batch_size).await?;
+            let mut batch = Batch {
+                claimed: Vec::new(),
+                full: Vec::new(),
+            };
+            let mut rows = Vec::new();
+            for &partition in partitions {
+                let limit = config.batch_size - u32::try_from(rows.len()).unwrap_or(u32::MAX);
+                if limit == 0 {
+                    break;
+                }
+                // Empty also when another relay holds the partition now.
+                let claimed = store.claim(conn, partition, limit).await?;
+                if claimed.len() >= limit as usize {
+                    batch.full.push(partition);
+                }
+                batch.claimed.push(partition);
+                rows.extend(claimed);
+            }
             if rows.is_empty() {
-                return Ok(Batch { rows: 0 });
+                return Ok(batch);
             }
             let outcomes = publisher.publish(&rows, config.confirm_timeout).await;
             let results = sort_outcomes(config, &rows, outcomes);
@@ -252,12 +284,13 @@ async fn process(
                 .increment((results.refused.len() - parked + results.unknown.len()) as u64);
             metrics::counter!(m::PARKED).increment(parked as u64);
             debug!(
+                rows = rows.len(),
                 published = results.published.len(),
                 refused = results.refused.len(),
                 unknown = results.unknown.len(),
                 "batch done"
             );
-            Ok(Batch { rows: rows.len() })
+            Ok(batch)
         })
         .await
 }
