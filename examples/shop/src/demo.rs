@@ -4,26 +4,36 @@
 //! It uses a RabbitMQ virtual host and PostgreSQL schemas of its own (named
 //! by [`DemoConfig::prefix`]), made fresh at the start and removed at the
 //! end, so runs never see each other's messages or rows.
+//!
+//! Here: the run, its settings and its report. The load is in `load`, the
+//! faults in `faults`, the consistency checks in `checks`.
+
+mod checks;
+mod faults;
+mod load;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use consumer::{Consumer, ConsumerConfig, Stats};
 use diesel::connection::SimpleConnection;
-use diesel::sql_types::BigInt;
-use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
+use diesel::{Connection, PgConnection};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use self::checks::{caught_up, consistency};
+use self::faults::{
+    Faults, Fleet, Restartable, Scene, consumer_task, crash_tag, rabbitmqctl, relay_task,
+};
+use self::load::{Load, Targets, drive_load};
 use crate::billing::Latencies;
-use crate::events::Line;
-use crate::order::{NewOrder, OrderService};
-use crate::{billing, http, logistics, order, service_url};
+use crate::order::OrderService;
+use crate::users::UsersService;
+use crate::{billing, customers, inventory, logistics, order, payment, service_url, users};
 
 /// What the demo does.
 #[derive(Debug, Clone)]
@@ -43,8 +53,19 @@ pub struct DemoConfig {
     pub cancel_every: usize,
     /// Place every n-th order as `order.v2.submitted` (0: none).
     pub v2_every: usize,
-    /// Kill and restart the relay and a consumer, and cut broker
-    /// connections, while the load runs.
+    /// Users registered before the orders; order i is placed by user i mod
+    /// `users` (at least 1).
+    pub users: usize,
+    /// Rename a user after every n-th order (0: none).
+    pub rename_every: usize,
+    /// Percent of the orders paid with the card payment declines (0 to 100).
+    pub fail_payments: u32,
+    /// Units of the scarce SKU (`sku-10`) on the shelf; the others are
+    /// plentiful. `None`: a quarter of the orders' count, so some orders
+    /// are refused for want of stock.
+    pub scarce_stock: Option<u32>,
+    /// Kill and restart relays and consumers, and cut broker connections,
+    /// while the load runs.
     pub faults: bool,
     /// Print a progress line every second.
     pub progress: bool,
@@ -65,12 +86,30 @@ impl DemoConfig {
             rate: 50,
             cancel_every: 5,
             v2_every: 3,
+            users: 40,
+            rename_every: 25,
+            fail_payments: 10,
+            scarce_stock: None,
             faults: false,
             progress: true,
             settle_timeout: Duration::from_secs(120),
         }
     }
+
+    fn scarce_units(&self) -> i32 {
+        let units = self
+            .scarce_stock
+            .unwrap_or_else(|| u32::try_from(self.orders / 4).unwrap_or(u32::MAX));
+        i32::try_from(units).unwrap_or(i32::MAX)
+    }
 }
+
+/// The SKUs the load orders: `sku-0` to `sku-10`.
+const SKUS: usize = 11;
+/// The one SKU with little stock, so some orders are refused.
+const SCARCE_SKU: usize = 10;
+/// Stock of every other SKU: more than any run orders.
+const PLENTY: i32 = 1_000_000;
 
 /// One consistency check.
 #[derive(Debug, Clone)]
@@ -83,23 +122,53 @@ pub struct Check {
     pub detail: String,
 }
 
+/// How the orders ended, from the order service's table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcomes {
+    /// Paid and confirmed.
+    pub confirmed: u64,
+    /// Cancelled by their customer.
+    pub cancelled_by_customer: u64,
+    /// Cancelled for want of stock.
+    pub out_of_stock: u64,
+    /// Cancelled because the payment was declined.
+    pub payment_declined: u64,
+    /// Payments given back (the order was cancelled after its payment).
+    pub refunds: u64,
+}
+
 /// What the demo saw.
 #[derive(Debug, Clone)]
 pub struct Report {
+    /// Users registered.
+    pub users_registered: u64,
+    /// Renames made.
+    pub users_renamed: u64,
     /// Orders the order service accepted.
     pub orders_placed: u64,
-    /// Orders cancelled.
+    /// Cancellations the load asked for.
+    pub cancel_requests: u64,
+    /// Of those, accepted (the rest found the order already cancelled by
+    /// the saga: answered 409).
     pub orders_cancelled: u64,
-    /// Events written to the outboxes (orders, cancellations, shipments).
+    /// How the orders ended.
+    pub outcomes: Outcomes,
+    /// Events written to each producer's outbox: (service, written, relayed).
+    pub events: Vec<(&'static str, u64, u64)>,
+    /// Events written to the outboxes, all services.
     pub events_enqueued: u64,
-    /// Of those, published to RabbitMQ (no longer pending).
+    /// Of those, published to RabbitMQ.
     pub events_relayed: u64,
     /// Each consumer's counters.
     pub consumers: Vec<(&'static str, Stats)>,
     /// Faults injected: (relay restarts, consumer crashes, broker connection cuts).
     pub faults: (u32, u32, u32),
+    /// What each fault hit, in order.
+    pub fault_log: Vec<String>,
     /// Order commit to billing handler start: p50 and p99, in ms.
     pub latency_ms: (f64, f64),
+    /// Order placed to order confirmed, through the saga: p50 and p99, in ms.
+    pub saga_ms: (f64, f64),
     /// Dead letters waiting in the consumers' dead-letter queues.
     pub dead_letters: u32,
     /// The consistency checks.
@@ -113,6 +182,14 @@ impl Report {
     pub fn passed(&self) -> bool {
         self.checks.iter().all(|c| c.ok)
     }
+
+    /// A consumer's counters by name.
+    pub fn consumer(&self, name: &str) -> Option<Stats> {
+        self.consumers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| *s)
+    }
 }
 
 impl fmt::Display for Report {
@@ -122,9 +199,35 @@ impl fmt::Display for Report {
             "== shop demo report ({:.1} s) ==",
             self.elapsed.as_secs_f64()
         )?;
+        writeln!(
+            f,
+            "users registered    {:>8}  renamed {}",
+            self.users_registered, self.users_renamed
+        )?;
         writeln!(f, "orders placed       {:>8}", self.orders_placed)?;
-        writeln!(f, "orders cancelled    {:>8}", self.orders_cancelled)?;
-        writeln!(f, "events enqueued     {:>8}", self.events_enqueued)?;
+        let o = &self.outcomes;
+        writeln!(f, "  confirmed         {:>8}", o.confirmed)?;
+        writeln!(
+            f,
+            "  cancelled         {:>8}  by customer {} (of {} asked), out of stock {}, payment declined {}",
+            o.cancelled_by_customer + o.out_of_stock + o.payment_declined,
+            o.cancelled_by_customer,
+            self.cancel_requests,
+            o.out_of_stock,
+            o.payment_declined
+        )?;
+        writeln!(f, "  payments refunded {:>8}", o.refunds)?;
+        let per_service: Vec<String> = self
+            .events
+            .iter()
+            .map(|(name, written, _)| format!("{name} {written}"))
+            .collect();
+        writeln!(
+            f,
+            "events enqueued     {:>8}  ({})",
+            self.events_enqueued,
+            per_service.join(", ")
+        )?;
         writeln!(f, "events relayed      {:>8}", self.events_relayed)?;
         for (name, s) in &self.consumers {
             writeln!(
@@ -139,11 +242,21 @@ impl fmt::Display for Report {
             "commit -> billing handler: p50 {:.1} ms, p99 {:.1} ms",
             self.latency_ms.0, self.latency_ms.1
         )?;
-        let (relay, consumer, cuts) = self.faults;
         writeln!(
+            f,
+            "placed -> confirmed (saga): p50 {:.1} ms, p99 {:.1} ms",
+            self.saga_ms.0, self.saga_ms.1
+        )?;
+        let (relay, consumer, cuts) = self.faults;
+        write!(
             f,
             "faults: {relay} relay kills, {consumer} consumer kills, {cuts} broker connection cuts"
         )?;
+        if self.fault_log.is_empty() {
+            writeln!(f)?;
+        } else {
+            writeln!(f, " ({})", self.fault_log.join(", "))?;
+        }
         writeln!(f, "consistency:")?;
         for c in &self.checks {
             writeln!(
@@ -158,47 +271,50 @@ impl fmt::Display for Report {
     }
 }
 
-/// The schemas of the three services.
+/// The schemas of the services, one each.
+#[derive(Debug, Clone)]
 struct Schemas {
     order: String,
     billing: String,
     logistics: String,
+    users: String,
+    inventory: String,
+    payment: String,
 }
 
-/// A task that can be killed (aborted, as a crash would) and started again.
-struct Restartable {
-    start: Box<dyn Fn(CancellationToken) -> JoinHandle<()> + Send>,
-    token: CancellationToken,
-    task: JoinHandle<()>,
-}
-
-impl Restartable {
-    fn new(start: Box<dyn Fn(CancellationToken) -> JoinHandle<()> + Send>) -> Self {
-        let token = CancellationToken::new();
-        let task = start(token.clone());
-        Restartable { start, token, task }
+impl Schemas {
+    fn new(prefix: &str) -> Self {
+        Schemas {
+            order: format!("{prefix}_order"),
+            billing: format!("{prefix}_billing"),
+            logistics: format!("{prefix}_logistics"),
+            users: format!("{prefix}_users"),
+            inventory: format!("{prefix}_inventory"),
+            payment: format!("{prefix}_payment"),
+        }
     }
 
-    /// Kills the task hard (no graceful shutdown) and starts a new one.
-    fn crash_and_restart(&mut self) {
-        self.abort();
-        self.restart();
+    /// Each schema with the service's tables.
+    fn with_tables(&self) -> [(&str, &[&str]); 6] {
+        [
+            (&self.order, &[order::SCHEMA_SQL, customers::SCHEMA_SQL]),
+            (&self.billing, &[billing::SCHEMA_SQL]),
+            (&self.logistics, &[logistics::SCHEMA_SQL]),
+            (&self.users, &[users::SCHEMA_SQL]),
+            (&self.inventory, &[inventory::SCHEMA_SQL]),
+            (&self.payment, &[payment::SCHEMA_SQL]),
+        ]
     }
 
-    /// Stops the task where it is.
-    fn abort(&mut self) {
-        self.task.abort();
-    }
-
-    /// Starts a new task.
-    fn restart(&mut self) {
-        self.token = CancellationToken::new();
-        self.task = (self.start)(self.token.clone());
-    }
-
-    async fn stop(self) {
-        self.token.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(30), self.task).await;
+    /// The services that produce events, with their schemas (and outboxes).
+    fn producers(&self) -> [(&'static str, &str); 5] {
+        [
+            ("order", &self.order),
+            ("logistics", &self.logistics),
+            ("users", &self.users),
+            ("inventory", &self.inventory),
+            ("payment", &self.payment),
+        ]
     }
 }
 
@@ -220,44 +336,49 @@ pub async fn run(config: &DemoConfig) -> anyhow::Result<Report> {
 
 async fn run_in(config: &DemoConfig, vhost: &str, started: Instant) -> anyhow::Result<Report> {
     let amqp_url = format!("{}/{}", config.amqp_base, vhost.replace('/', "%2f"));
-    let schemas = Schemas {
-        order: format!("{}_order", config.prefix),
-        billing: format!("{}_billing", config.prefix),
-        logistics: format!("{}_logistics", config.prefix),
-    };
+    let schemas = Schemas::new(&config.prefix);
     let mut admin = PgConnection::establish(&config.database_url)
         .with_context(|| format!("connecting to {}", outbox::redact_url(&config.database_url)))?;
-    for (schema, sql) in [
-        (&schemas.order, order::SCHEMA_SQL),
-        (&schemas.billing, billing::SCHEMA_SQL),
-        (&schemas.logistics, logistics::SCHEMA_SQL),
-    ] {
+    for (schema, sqls) in schemas.with_tables() {
         admin.batch_execute(&format!(
             r#"DROP SCHEMA IF EXISTS "{schema}" CASCADE; CREATE SCHEMA "{schema}""#
         ))?;
         let mut conn = PgConnection::establish(&service_url(&config.database_url, schema))?;
-        outbox::Outbox::new(outbox::Config {
-            schema: schema.clone(),
-            ..outbox::Config::default()
-        })?
-        .migrate(&mut conn)?;
-        conn.batch_execute(sql)?;
+        crate::outbox_in(schema)?.migrate(&mut conn)?;
+        for sql in sqls {
+            conn.batch_execute(sql)?;
+        }
+    }
+    {
+        let mut conn =
+            PgConnection::establish(&service_url(&config.database_url, &schemas.inventory))?;
+        for n in 0..SKUS {
+            let units = if n == SCARCE_SKU {
+                config.scarce_units()
+            } else {
+                PLENTY
+            };
+            inventory::receive(&mut conn, &sku(n), units)?;
+        }
     }
 
-    let relay_for = |schema: &str| relay::RelayConfig {
+    let relay_for = |schema: &str, workers: u32| relay::RelayConfig {
         database_url: config.database_url.clone(),
         amqp_url: amqp_url.clone(),
         schema: schema.to_owned(),
-        workers: 2,
+        workers,
         poll_interval: Duration::from_millis(500),
         retry: outbox::RetryPolicy {
             initial: Duration::from_millis(100),
             max_delay: Duration::from_secs(2),
             ..outbox::RetryPolicy::default()
         },
+        // Published rows are kept (the schemas go at the end), so the
+        // report counts every event each service wrote.
+        retention: Some(Duration::from_secs(3600)),
         ..relay::RelayConfig::default()
     };
-    let consumer_config = |name: &str, schema: &str| {
+    let consumer_config = |name: &str, schema: &str, lanes: usize| {
         // The application name lets a simulated crash find its sessions.
         let url = format!(
             "{}&application_name={}",
@@ -266,23 +387,43 @@ async fn run_in(config: &DemoConfig, vhost: &str, started: Instant) -> anyhow::R
         );
         let mut c = ConsumerConfig::new(name, &url, &amqp_url);
         c.schema = schema.to_owned();
-        c.lanes = 4;
+        c.lanes = lanes;
         c.retry.max_delay = Duration::from_secs(2);
         c
     };
     let latencies: Latencies = Latencies::default();
-    let billing = billing::consumer(
-        consumer_config("billing", &schemas.billing),
-        Some(latencies.clone()),
-    )?;
-    let logistics = logistics::consumer(consumer_config("logistics", &schemas.logistics))?;
-    let order_events = Consumer::builder(consumer_config("order", &schemas.order))
-        .handle("logistics", "logistics.*.dispatched", order::on_dispatched)
-        .build()?;
-    let consumers = [
-        ("billing", billing),
-        ("logistics", logistics),
-        ("order", order_events),
+    // Lanes are connections, and PostgreSQL takes 100: the busy consumers
+    // get 4, the new services fewer. Inventory and payment get one: every
+    // reservation locks the same few stock rows, so more lanes would only
+    // queue on those locks.
+    let consumers: Vec<(&'static str, Consumer)> = vec![
+        (
+            "billing",
+            billing::consumer(
+                consumer_config("billing", &schemas.billing, 4),
+                Some(latencies.clone()),
+            )?,
+        ),
+        (
+            "logistics",
+            logistics::consumer(consumer_config("logistics", &schemas.logistics, 4))?,
+        ),
+        (
+            "order",
+            order::consumer(consumer_config("order", &schemas.order, 4))?,
+        ),
+        (
+            "inventory",
+            inventory::consumer(consumer_config("inventory", &schemas.inventory, 1))?,
+        ),
+        (
+            "payment",
+            payment::consumer(consumer_config("payment", &schemas.payment, 1))?,
+        ),
+        (
+            "users",
+            users::consumer(consumer_config("users", &schemas.users, 2))?,
+        ),
     ];
 
     // Bind before anything is published: an event published before its
@@ -290,137 +431,120 @@ async fn run_in(config: &DemoConfig, vhost: &str, started: Instant) -> anyhow::R
     for (_, c) in &consumers {
         c.declare().await?;
     }
-    let mut order_relay = Restartable::new(relay_task(relay_for(&schemas.order)));
-    let logistics_relay = Restartable::new(relay_task(relay_for(&schemas.logistics)));
-    let mut running: Vec<Restartable> = consumers
-        .iter()
-        .map(|(_, c)| Restartable::new(consumer_task(c.clone())))
-        .collect();
+    // A relay per producing service; the order service's is the busiest.
+    let mut fleet = Fleet {
+        relays: schemas
+            .producers()
+            .iter()
+            .map(|(name, schema)| {
+                let workers = if *name == "order" { 2 } else { 1 };
+                (
+                    *name,
+                    Restartable::new(relay_task(relay_for(schema, workers))),
+                )
+            })
+            .collect(),
+        consumers: consumers
+            .into_iter()
+            .map(|(name, c)| {
+                let running = Restartable::new(consumer_task(c.clone()));
+                (name, c, running)
+            })
+            .collect(),
+    };
 
-    let service = Arc::new(OrderService::new(
+    // The two HTTP services, each on its own port: neither calls the other.
+    let http_stop = CancellationToken::new();
+    let order_service = Arc::new(OrderService::new(
         &service_url(&config.database_url, &schemas.order),
         &schemas.order,
     )?);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let http_stop = CancellationToken::new();
-    let server = {
-        let stop = http_stop.clone();
-        let app = order::router(Arc::clone(&service));
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-        })
-    };
+    let (order_addr, order_server) = serve(order::router(order_service), http_stop.clone()).await?;
+    let users_service = Arc::new(UsersService::new(
+        &service_url(&config.database_url, &schemas.users),
+        &schemas.users,
+    )?);
+    let (users_addr, users_server) = serve(users::router(users_service), http_stop.clone()).await?;
 
     // Load, faults and progress run side by side.
-    let placed = Arc::new(AtomicU64::new(0));
-    let cancelled = Arc::new(AtomicU64::new(0));
+    let counts = Arc::new(Load::default());
     let load = tokio::spawn(drive_load(
         config.clone(),
-        addr,
-        Arc::clone(&placed),
-        Arc::clone(&cancelled),
+        Targets {
+            order: order_addr,
+            users: users_addr,
+            database_url: config.database_url.clone(),
+            order_schema: schemas.order.clone(),
+        },
+        Arc::clone(&counts),
     ));
-    let mut faults = (0u32, 0u32, 0u32);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut second = 0u32;
+    let mut faults = Faults::default();
+    let scene = Scene {
+        database_url: &config.database_url,
+        vhost,
+        prefix: &config.prefix,
+    };
+    // A fault a second, each kind in turn. One that takes long (rabbitmqctl
+    // starts an Erlang VM each time) delays the next instead of bunching
+    // them up.
+    let load_started = Instant::now();
+    let second = Duration::from_secs(1);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + second, second);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut round = 0u32;
     while !load.is_finished() {
         tick.tick().await;
-        second += 1;
-        if config.faults && second.is_multiple_of(2) {
-            match (second / 2 - 1) % 3 {
-                0 => {
-                    order_relay.crash_and_restart();
-                    faults.0 += 1;
-                }
-                1 => {
-                    // The billing consumer crashes mid-work: as when its
-                    // process dies, its tasks stop and its database and
-                    // broker connections drop (open transactions roll back,
-                    // unacked deliveries go back to the queue).
-                    let (url, vhost) = (config.database_url.clone(), vhost.to_owned());
-                    let tag = crash_tag(&config.prefix, "billing");
-                    running[0].abort();
-                    tokio::task::spawn_blocking(move || {
-                        kill_connections(&url, &tag, &vhost, "consumer billing")
-                    })
-                    .await??;
-                    running[0].restart();
-                    faults.1 += 1;
-                }
-                _ => {
-                    let vhost = vhost.to_owned();
-                    let cut = tokio::task::spawn_blocking(move || close_connections(&vhost, None))
-                        .await??;
-                    faults.2 += u32::from(cut > 0);
-                }
-            }
+        if config.faults {
+            faults.inject(round, &mut fleet, &scene).await?;
+            round += 1;
         }
         if config.progress {
             println!(
-                "[{second:>3}s] placed {:>6}  cancelled {:>5}  billing applied {:>6}  logistics applied {:>6}  order applied {:>6}",
-                placed.load(Ordering::Relaxed),
-                cancelled.load(Ordering::Relaxed),
-                consumers[0].1.stats().applied,
-                consumers[1].1.stats().applied,
-                consumers[2].1.stats().applied,
+                "[{:>5.1}s] users {:>4}  placed {:>6}  cancelled {:>5}  applied: {}",
+                load_started.elapsed().as_secs_f64(),
+                counts.registered.load(Ordering::Relaxed),
+                counts.placed.load(Ordering::Relaxed),
+                counts.cancelled.load(Ordering::Relaxed),
+                applied(&fleet),
             );
         }
     }
     let load_error = load.await?.err();
 
     // Wait until every service has caught up with what was ordered.
-    let expected_orders = placed.load(Ordering::Relaxed);
-    let expected_cancels = cancelled.load(Ordering::Relaxed);
+    let placed = counts.placed.load(Ordering::Relaxed);
     let deadline = Instant::now() + config.settle_timeout;
     loop {
         let settled = {
             let url = config.database_url.clone();
-            let s = (
-                schemas.order.clone(),
-                schemas.billing.clone(),
-                schemas.logistics.clone(),
-            );
-            tokio::task::spawn_blocking(move || {
-                caught_up(&url, &s, expected_orders, expected_cancels)
-            })
-            .await??
+            let s = schemas.clone();
+            tokio::task::spawn_blocking(move || caught_up(&url, &s, placed)).await??
         };
         if settled || Instant::now() > deadline {
             break;
         }
         if config.progress {
-            println!(
-                "waiting for the consumers: billing applied {}, logistics applied {}, order applied {}",
-                consumers[0].1.stats().applied,
-                consumers[1].1.stats().applied,
-                consumers[2].1.stats().applied
-            );
+            println!("waiting for the consumers: applied: {}", applied(&fleet));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 
     http_stop.cancel();
-    let _ = server.await;
-    let dead_letters = dead_letter_count(&amqp_url, &["billing", "logistics", "order"]).await;
-    for r in running {
-        r.stop().await;
-    }
-    order_relay.stop().await;
-    logistics_relay.stop().await;
+    let _ = order_server.await;
+    let _ = users_server.await;
+    let names: Vec<&str> = fleet.consumers.iter().map(|(n, _, _)| *n).collect();
+    let dead_letters = dead_letter_count(&amqp_url, &names).await;
+    let stats = fleet
+        .consumers
+        .iter()
+        .map(|(n, c, _)| (*n, c.stats()))
+        .collect();
+    fleet.stop().await;
 
     let url = config.database_url.clone();
-    let s = (
-        schemas.order.clone(),
-        schemas.billing.clone(),
-        schemas.logistics.clone(),
-    );
-    let (mut checks, pending) = tokio::task::spawn_blocking(move || {
-        consistency(&url, &s, expected_orders, expected_cancels)
-    })
-    .await??;
+    let s = schemas.clone();
+    let (mut checks, figures) =
+        tokio::task::spawn_blocking(move || consistency(&url, &s, placed)).await??;
     checks.push(Check {
         name: "no dead letters",
         ok: dead_letters == 0,
@@ -433,7 +557,6 @@ async fn run_in(config: &DemoConfig, vhost: &str, started: Instant) -> anyhow::R
             detail: e.to_string(),
         });
     }
-    let events_enqueued = expected_orders * 2 + expected_cancels;
     let latency_ms = {
         let mut l = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
         l.sort_unstable();
@@ -444,13 +567,20 @@ async fn run_in(config: &DemoConfig, vhost: &str, started: Instant) -> anyhow::R
         (at(0.5), at(0.99))
     };
     let report = Report {
-        orders_placed: expected_orders,
-        orders_cancelled: expected_cancels,
-        events_enqueued,
-        events_relayed: events_enqueued.saturating_sub(pending),
-        consumers: consumers.iter().map(|(n, c)| (*n, c.stats())).collect(),
-        faults,
+        users_registered: counts.registered.load(Ordering::Relaxed),
+        users_renamed: counts.renamed.load(Ordering::Relaxed),
+        orders_placed: placed,
+        cancel_requests: counts.cancel_requests.load(Ordering::Relaxed),
+        orders_cancelled: counts.cancelled.load(Ordering::Relaxed),
+        outcomes: figures.outcomes,
+        events_enqueued: figures.events.iter().map(|e| e.1).sum(),
+        events_relayed: figures.events.iter().map(|e| e.2).sum(),
+        events: figures.events,
+        consumers: stats,
+        faults: (faults.relay_kills, faults.consumer_kills, faults.cuts),
+        fault_log: faults.log,
         latency_ms,
+        saga_ms: figures.saga_ms,
         dead_letters,
         checks,
         elapsed: started.elapsed(),
@@ -458,237 +588,41 @@ async fn run_in(config: &DemoConfig, vhost: &str, started: Instant) -> anyhow::R
     // A failed run keeps its schemas for inspection.
     if report.passed() {
         let mut admin = PgConnection::establish(&config.database_url)?;
-        for schema in [&schemas.order, &schemas.billing, &schemas.logistics] {
+        for (schema, _) in schemas.with_tables() {
             admin.batch_execute(&format!(r#"DROP SCHEMA IF EXISTS "{schema}" CASCADE"#))?;
         }
     }
     Ok(report)
 }
 
-fn relay_task(
-    config: relay::RelayConfig,
-) -> Box<dyn Fn(CancellationToken) -> JoinHandle<()> + Send> {
-    Box::new(move |token: CancellationToken| {
-        let config = config.clone();
-        tokio::spawn(async move {
-            match relay::Relay::new(config) {
-                Ok(relay) => {
-                    if let Err(e) = relay.run(async move { token.cancelled().await }).await {
-                        tracing::error!(error = %e, "relay stopped");
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "relay config"),
-            }
-        })
-    })
+/// `sku-<n>`, as the load orders them.
+fn sku(n: usize) -> String {
+    format!("sku-{n}")
 }
 
-fn consumer_task(consumer: Consumer) -> Box<dyn Fn(CancellationToken) -> JoinHandle<()> + Send> {
-    Box::new(move |token: CancellationToken| {
-        let consumer = consumer.clone();
-        tokio::spawn(async move {
-            if let Err(e) = consumer.run(token).await {
-                tracing::error!(error = %e, "consumer stopped");
-            }
-        })
-    })
+/// Every consumer's applied count, for the progress lines.
+fn applied(fleet: &Fleet) -> String {
+    fleet
+        .consumers
+        .iter()
+        .map(|(n, c, _)| format!("{n} {}", c.stats().applied))
+        .collect::<Vec<_>>()
+        .join("  ")
 }
 
-/// Places the orders over HTTP at the configured rate, cancelling some.
-async fn drive_load(
-    config: DemoConfig,
-    addr: SocketAddr,
-    placed: Arc<AtomicU64>,
-    cancelled: Arc<AtomicU64>,
-) -> anyhow::Result<()> {
-    let pace = (config.rate > 0).then(|| Duration::from_secs_f64(1.0 / f64::from(config.rate)));
-    let mut next = tokio::time::Instant::now();
-    let mut inflight = tokio::task::JoinSet::new();
-    for i in 1..=config.orders {
-        if let Some(pace) = pace {
-            next += pace;
-            tokio::time::sleep_until(next).await;
-        }
-        while inflight.len() >= 8 {
-            if let Some(r) = inflight.join_next().await {
-                r??;
-            }
-        }
-        let order = NewOrder {
-            customer: format!("customer-{}", i % 37),
-            lines: (0..1 + i % 3)
-                .map(|l| Line {
-                    sku: format!("sku-{}", (i + l) % 11),
-                    qty: 1 + i32::try_from((i + l) % 4).unwrap_or(0),
-                    price_cents: 250 + i64::try_from(((i * 7) + l) % 900).unwrap_or(0),
-                })
-                .collect(),
-            currency: (config.v2_every > 0 && i % config.v2_every == 0).then(|| "EUR".to_owned()),
-        };
-        let cancel = config.cancel_every > 0 && i % config.cancel_every == 0;
-        let (placed, cancelled) = (Arc::clone(&placed), Arc::clone(&cancelled));
-        inflight.spawn(async move {
-            let body = serde_json::to_vec(&order)?;
-            let created = http::request(addr, "POST", "/orders", Some(&body)).await?;
-            if created.status != 201 {
-                bail!("POST /orders answered {}: {}", created.status, created.body);
-            }
-            placed.fetch_add(1, Ordering::Relaxed);
-            if cancel {
-                let id = created.body["id"].as_str().unwrap_or_default().to_owned();
-                let r = http::request(addr, "POST", &format!("/orders/{id}/cancel"), None).await?;
-                if r.status != 200 {
-                    bail!("cancel answered {}: {}", r.status, r.body);
-                }
-                cancelled.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(())
-        });
-    }
-    while let Some(r) = inflight.join_next().await {
-        r??;
-    }
-    Ok(())
-}
-
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-fn count(conn: &mut PgConnection, sql: &str) -> anyhow::Result<i64> {
-    Ok(diesel::sql_query(sql).get_result::<Count>(conn)?.n)
-}
-
-/// Whether every consumer has applied everything the orders imply.
-fn caught_up(
-    url: &str,
-    (o, b, l): &(String, String, String),
-    orders: u64,
-    cancels: u64,
-) -> anyhow::Result<bool> {
-    let mut conn = PgConnection::establish(url)?;
-    let ledger = count(
-        &mut conn,
-        &format!(r#"SELECT count(*) AS n FROM "{b}".ledger"#),
-    )?;
-    let cancelled_shipments = count(
-        &mut conn,
-        &format!(r#"SELECT count(*) AS n FROM "{l}".shipments WHERE status = 'cancelled'"#),
-    )?;
-    let noted = count(
-        &mut conn,
-        &format!(r#"SELECT count(*) AS n FROM "{o}".orders WHERE shipment_id IS NOT NULL"#),
-    )?;
-    let want = i64::try_from(orders + cancels)?;
-    Ok(ledger >= want
-        && cancelled_shipments >= i64::try_from(cancels)?
-        && noted >= i64::try_from(orders)?)
-}
-
-/// Checks every service's tables against the orders; also returns the
-/// events still pending in the outboxes.
-fn consistency(
-    url: &str,
-    (o, b, l): &(String, String, String),
-    orders: u64,
-    cancels: u64,
-) -> anyhow::Result<(Vec<Check>, u64)> {
-    let mut conn = PgConnection::establish(url)?;
-    let mut checks = Vec::new();
-    let mut check =
-        |name: &'static str, sql: String, want: i64, what: &str| -> anyhow::Result<()> {
-            let got = count(&mut conn, &sql)?;
-            checks.push(Check {
-                name,
-                ok: got == want,
-                detail: format!("{got} {what} (expected {want})"),
-            });
-            Ok(())
-        };
-    let orders_i = i64::try_from(orders)?;
-    let cancels_i = i64::try_from(cancels)?;
-    check(
-        "orders stored",
-        format!(r#"SELECT count(*) AS n FROM "{o}".orders"#),
-        orders_i,
-        "orders",
-    )?;
-    check(
-        "one charge per order, for its total",
-        format!(
-            r#"SELECT count(*) AS n FROM "{o}".orders ord
-               JOIN "{b}".ledger c ON c.order_id = ord.id AND c.entry = 'charge' AND c.amount_cents = ord.total_cents"#
-        ),
-        orders_i,
-        "matching charges",
-    )?;
-    check(
-        "no order charged twice",
-        format!(
-            r#"SELECT count(*) AS n FROM (SELECT order_id FROM "{b}".ledger WHERE entry = 'charge' GROUP BY order_id HAVING count(*) > 1) t"#
-        ),
-        0,
-        "orders charged more than once",
-    )?;
-    check(
-        "one reversal per cancelled order",
-        format!(
-            r#"SELECT count(*) AS n FROM "{o}".orders ord
-               JOIN "{b}".ledger r ON r.order_id = ord.id AND r.entry = 'reversal' AND r.amount_cents = -ord.total_cents
-               WHERE ord.status = 'cancelled'"#
-        ),
-        cancels_i,
-        "matching reversals",
-    )?;
-    check(
-        "ledger balance equals the open orders",
-        format!(
-            r#"SELECT ((SELECT coalesce(sum(amount_cents), 0) FROM "{b}".ledger)
-                     - (SELECT coalesce(sum(total_cents), 0) FROM "{o}".orders WHERE status <> 'cancelled'))::bigint AS n"#
-        ),
-        0,
-        "cents of difference",
-    )?;
-    check(
-        "one shipment per order",
-        format!(
-            r#"SELECT count(DISTINCT order_id) AS n FROM "{l}".shipments s JOIN "{o}".orders ord ON ord.id = s.order_id"#
-        ),
-        orders_i,
-        "orders with a shipment",
-    )?;
-    check(
-        "shipments cancelled exactly with their orders",
-        format!(
-            r#"SELECT count(*) AS n FROM "{l}".shipments s JOIN "{o}".orders ord ON ord.id = s.order_id
-               WHERE (s.status = 'cancelled') <> (ord.status = 'cancelled')"#
-        ),
-        0,
-        "mismatches",
-    )?;
-    check(
-        "each order knows its shipment",
-        format!(
-            r#"SELECT count(*) AS n FROM "{o}".orders ord JOIN "{l}".shipments s ON s.id = ord.shipment_id AND s.order_id = ord.id"#
-        ),
-        orders_i,
-        "orders noting their shipment",
-    )?;
-    let pending = count(
-        &mut conn,
-        &format!(
-            r#"SELECT ((SELECT count(*) FROM "{o}".outbox_messages WHERE published_at IS NULL)
-                     + (SELECT count(*) FROM "{l}".outbox_messages WHERE published_at IS NULL))::bigint AS n"#
-        ),
-    )?;
-    checks.push(Check {
-        name: "outboxes drained",
-        ok: pending == 0,
-        detail: format!("{pending} events still pending"),
+/// Serves `app` on a free local port until `stop`.
+async fn serve(
+    app: axum::Router,
+    stop: CancellationToken,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
     });
-    Ok((checks, u64::try_from(pending)?))
+    Ok((addr, server))
 }
 
 async fn dead_letter_count(amqp_url: &str, consumers: &[&str]) -> u32 {
@@ -719,65 +653,4 @@ async fn dead_letter_count(amqp_url: &str, consumers: &[&str]) -> u32 {
     }
     let _ = conn.close(200, "counted".into()).await;
     total
-}
-
-fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .context("running rabbitmqctl (the demo manages its own RabbitMQ vhost)")?;
-    if !out.status.success() {
-        bail!(
-            "rabbitmqctl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The `application_name` of a consumer's database sessions in this run.
-fn crash_tag(prefix: &str, consumer: &str) -> String {
-    format!("{prefix}-{consumer}")
-}
-
-/// What a process death does to its connections: ends the database
-/// sessions named `tag` and closes the broker connections to `vhost` named
-/// `connection`. An aborted task alone would leave both running.
-fn kill_connections(url: &str, tag: &str, vhost: &str, connection: &str) -> anyhow::Result<()> {
-    let mut conn = PgConnection::establish(url)?;
-    diesel::sql_query(
-        "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity WHERE application_name = $1",
-    )
-    .bind::<diesel::sql_types::Text, _>(tag)
-    .get_result::<Count>(&mut conn)?;
-    close_connections(vhost, Some(connection))?;
-    Ok(())
-}
-
-/// Closes, from the broker's side, the client connections to `vhost`
-/// (only those whose client properties mention `named`, when given).
-fn close_connections(vhost: &str, named: Option<&str>) -> anyhow::Result<usize> {
-    let listing = rabbitmqctl(&[
-        "list_connections",
-        "-q",
-        "--no-table-headers",
-        "pid",
-        "vhost",
-        "client_properties",
-    ])?;
-    let mut closed = 0;
-    for line in listing.lines() {
-        let mut fields = line.splitn(3, char::is_whitespace);
-        let (Some(pid), Some(v), properties) = (fields.next(), fields.next(), fields.next()) else {
-            continue;
-        };
-        if v == vhost
-            && named.is_none_or(|n| properties.is_some_and(|p| p.contains(n)))
-            && rabbitmqctl(&["close_connection", pid, "demo fault"]).is_ok()
-        {
-            closed += 1;
-        }
-    }
-    Ok(closed)
 }

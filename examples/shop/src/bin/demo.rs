@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
-/// The shop demo: order service, relays, billing and logistics, under load.
+/// The shop demo: the order and users services, a relay per producing
+/// service, and the billing, logistics, order, inventory, payment and users
+/// consumers, under load.
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
@@ -22,7 +24,19 @@ struct Args {
     /// Place every n-th order as order.v2.submitted (0: none).
     #[arg(long, default_value_t = 3)]
     v2_every: usize,
-    /// Kill and restart the relay and the billing consumer, and cut broker
+    /// Users to register before the orders; they place the orders in turn.
+    #[arg(long, default_value_t = 40)]
+    users: usize,
+    /// Rename a user after every n-th order (0: none).
+    #[arg(long, default_value_t = 25)]
+    rename_every: usize,
+    /// Percent of the orders paid with a card that payment declines.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100))]
+    fail_payments: u32,
+    /// Units of the scarce SKU (sku-10) in stock [default: a quarter of --orders].
+    #[arg(long)]
+    scarce_stock: Option<u32>,
+    /// Kill and restart relays and consumers in turn, and cut broker
     /// connections, while the load runs.
     #[arg(long)]
     faults: bool,
@@ -62,6 +76,10 @@ async fn main() -> ExitCode {
         rate: args.rate,
         cancel_every: args.cancel_every,
         v2_every: args.v2_every,
+        users: args.users,
+        rename_every: args.rename_every,
+        fail_payments: args.fail_payments,
+        scarce_stock: args.scarce_stock,
         faults: args.faults,
         progress: true,
         settle_timeout: Duration::from_secs(args.settle_timeout),
