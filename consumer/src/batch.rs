@@ -10,6 +10,8 @@
 //! savepoint (see [`crate::inbox::Inbox::apply`]). Nothing was committed, so
 //! that second pass sees exactly what the first one saw.
 
+use std::collections::HashMap;
+
 use diesel::sql_types::{Array, BigInt, Nullable, Text};
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use uuid::Uuid;
@@ -33,6 +35,11 @@ pub(crate) struct BatchCall {
 }
 
 impl BatchCall {
+    /// How the record statement's rows name this message.
+    fn fresh_key(&self) -> (Uuid, Option<String>) {
+        (self.message_id, self.key.as_ref().map(|(k, _)| k.clone()))
+    }
+
     fn incoming(&self) -> Incoming<'_> {
         Incoming {
             message_id: self.message_id,
@@ -41,12 +48,14 @@ impl BatchCall {
     }
 }
 
-/// A message id the record statement inserted, with its key's position
-/// before the batch (NULL when unordered).
+/// A message id the record statement inserted, with its key and the key's
+/// position before the batch (NULL when unordered).
 #[derive(QueryableByName)]
 struct Fresh {
     #[diesel(sql_type = diesel::sql_types::Uuid)]
     message_id: Uuid,
+    #[diesel(sql_type = Nullable<Text>)]
+    ordering_key: Option<String>,
     #[diesel(sql_type = Nullable<BigInt>)]
     last_seq: Option<i64>,
 }
@@ -80,16 +89,18 @@ pub(crate) fn apply_batch(
     calls: Vec<BatchCall>,
 ) -> Result<Option<Vec<Applied>>> {
     let result = conn.transaction::<Vec<Applied>, Bail, _>(|conn| {
-        let fresh: std::collections::HashMap<Uuid, Option<i64>> = record_query(inbox, &calls)
+        // Keyed by id and key: one id twice in a batch (under two keys) is
+        // inserted once, and only the copy that was gets its handler run.
+        let mut fresh: HashMap<(Uuid, Option<String>), Option<i64>> = record_query(inbox, &calls)
             .load::<Fresh>(conn)?
             .into_iter()
-            .map(|f| (f.message_id, f.last_seq))
+            .map(|f| ((f.message_id, f.ordering_key), f.last_seq))
             .collect();
         // Decide every message's turn before any handler runs: one out of
         // turn means the careful path, and no handler should run twice
         // for nothing.
         for call in &calls {
-            if let Some(last) = fresh.get(&call.message_id)
+            if let Some(last) = fresh.get(&call.fresh_key())
                 && out_of_turn(*last, call.incoming(), Check::Order(call.ahead)).is_some()
             {
                 return Err(Bail::Careful);
@@ -98,7 +109,7 @@ pub(crate) fn apply_batch(
         let mut outcomes = Vec::with_capacity(calls.len());
         let mut moved: (Vec<String>, Vec<i64>) = (Vec::new(), Vec::new());
         for call in calls {
-            if !fresh.contains_key(&call.message_id) {
+            if fresh.remove(&call.fresh_key()).is_none() {
                 outcomes.push(Applied::Duplicate);
                 continue;
             }
@@ -110,9 +121,10 @@ pub(crate) fn apply_batch(
             }
             outcomes.push(Applied::Applied);
         }
-        if !moved.0.is_empty() {
-            move_keys_query(inbox, moved.0, moved.1).execute(conn)?;
-        }
+        // Run even with no key to move: a handler that swallowed a failed
+        // statement left the transaction aborted, and this fails on it,
+        // where the COMMIT would only turn into a silent rollback.
+        move_keys_query(inbox, moved.0, moved.1).execute(conn)?;
         Ok(outcomes)
     });
     match result {
@@ -126,21 +138,24 @@ pub(crate) fn apply_batch(
 }
 
 /// Locks the keys of the batch (creating missing ones at position 0), in
-/// key order so two writers of overlapping keys cannot deadlock, and only
-/// then inserts the dedupe rows: one row back per id that was new, with its
+/// byte order of the key (collation "C", the order the lane sorts a batch
+/// in, so a batch applied message by message locks in the same order) so
+/// two writers of overlapping keys cannot deadlock, and only then inserts
+/// the dedupe rows: one row back per id that was new, with its key and the
 /// key's position before the batch.
 fn record_query<'a>(inbox: &'a Inbox, calls: &[BatchCall]) -> crate::inbox::Query<'a> {
     let (keys, messages) = inbox.tables();
     // `locked` is an aggregate over every locked key: it has to finish
     // before the first dedupe row is inserted, as in the one-message path.
     let sql = format!(
-        "WITH input AS (
+        r#"WITH input AS (
              SELECT * FROM unnest($2::uuid[], $3::text[], $4::bigint[])
                  AS i(message_id, ordering_key, key_seq)),
          k AS (
              INSERT INTO {keys} AS k (consumer, ordering_key, last_seq)
-             SELECT DISTINCT $1, ordering_key, 0::bigint FROM input
-             WHERE ordering_key IS NOT NULL ORDER BY 2
+             SELECT $1, ordering_key, 0::bigint
+             FROM (SELECT DISTINCT ordering_key FROM input WHERE ordering_key IS NOT NULL) d
+             ORDER BY ordering_key COLLATE "C"
              ON CONFLICT (consumer, ordering_key) DO UPDATE SET last_seq = k.last_seq
              RETURNING k.ordering_key, k.last_seq),
          m AS (
@@ -149,7 +164,8 @@ fn record_query<'a>(inbox: &'a Inbox, calls: &[BatchCall]) -> crate::inbox::Quer
              FROM input i, (SELECT count(*) FROM k) AS locked
              ON CONFLICT DO NOTHING
              RETURNING m.message_id, m.ordering_key)
-         SELECT m.message_id, k.last_seq FROM m LEFT JOIN k ON k.ordering_key = m.ordering_key"
+         SELECT m.message_id, m.ordering_key, k.last_seq
+         FROM m LEFT JOIN k ON k.ordering_key = m.ordering_key"#
     );
     let ids: Vec<Uuid> = calls.iter().map(|c| c.message_id).collect();
     let keys: Vec<Option<String>> = calls

@@ -287,7 +287,7 @@ impl Inbox {
             }
             match handler(conn) {
                 Ok(()) => {
-                    self.move_key(conn, message)?;
+                    self.after_handler_query(message).execute(conn)?;
                     Ok(Applied::Applied)
                 }
                 Err(HandlerError::Retry { after, reason }) => {
@@ -383,6 +383,18 @@ impl Inbox {
             .bind::<Nullable<Text>, _>(message.key.map(|k| k.0))
             .bind::<Nullable<BigInt>, _>(message.key.map(|k| k.1))
             .bind::<Text, _>(outcome)
+    }
+
+    /// The statement after a handler that succeeded: the key's move, or for
+    /// an unordered message a plain `SELECT 1`. Either way one statement
+    /// runs after the handler's: a handler that swallowed the error of a
+    /// failed statement left the transaction aborted, and PostgreSQL would
+    /// turn its COMMIT into a rollback without an error, so the message
+    /// would look applied and be acked with nothing committed. This
+    /// statement fails instead, and the message is tried again.
+    pub(crate) fn after_handler_query<'a>(&'a self, message: Incoming<'a>) -> Query<'a> {
+        self.move_key_query(message)
+            .unwrap_or_else(|| diesel::sql_query("SELECT 1").into_boxed())
     }
 
     pub(crate) fn move_key_query<'a>(&'a self, message: Incoming<'a>) -> Option<Query<'a>> {

@@ -71,9 +71,7 @@ impl Inbox {
                 }
                 match handler(conn).await {
                     Ok(()) => {
-                        if let Some(q) = self.move_key_query(message) {
-                            q.execute(conn).await?;
-                        }
+                        self.after_handler_query(message).execute(conn).await?;
                         Ok(Applied::Applied)
                     }
                     Err(HandlerError::Retry { after, reason }) => {

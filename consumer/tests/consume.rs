@@ -208,6 +208,37 @@ async fn a_failing_handler_in_a_batch_leaves_every_other_effect_applied_once() {
     h.cleanup(1).await;
 }
 
+/// A producer bug sends one message id under two keys. However the copies
+/// are batched (both in one batch, the worst case with one lane and a
+/// backlog), the id is applied once and the other copy counts as a
+/// duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_message_id_under_two_keys_in_a_backlog_is_applied_once() {
+    let h = Harness::new("c_idtwice").await;
+    let mut config = h.config();
+    config.lanes = 1;
+    let consumer = Consumer::builder(config)
+        .handle(&h.exchange, "order.*.submitted", h.recorder())
+        .build()
+        .unwrap();
+    consumer.declare().await.unwrap();
+    let mut msgs: Vec<Msg> = (0..40).map(|k| Msg::keyed(&format!("k-{k}"), 1)).collect();
+    // Neighbours in the queue, so one batch takes both.
+    msgs[21].id = msgs[20].id;
+    h.publish_all(&msgs).await;
+    let (shutdown, task) = spawn(&consumer);
+    wait_until("every copy handled", Duration::from_secs(30), || {
+        consumer.stats().applied + consumer.stats().duplicates >= 40
+    })
+    .await;
+    let effects = h.effects();
+    assert_eq!(effects.len(), 39, "the shared id applied once");
+    assert_once_and_in_order(&effects);
+    assert_eq!(consumer.stats().duplicates, 1);
+    stop(shutdown, task).await;
+    h.cleanup(1).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_always_failing_message_is_dead_lettered_its_key_moves_on_and_replay_applies_it() {
     let h = Harness::new("c_dead").await;

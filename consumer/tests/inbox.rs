@@ -325,3 +325,33 @@ fn each_consumer_name_applies_a_message_once_for_itself() {
     assert!(Inbox::new("", schema.name()).is_err());
     assert!(Inbox::new("billing", "Bad Schema").is_err());
 }
+
+/// A handler that swallows the error of a failed statement and returns Ok
+/// has left the transaction aborted: the message must not be reported
+/// applied (PostgreSQL turns that COMMIT into a rollback), so it is tried
+/// again and its dedupe row is not left behind.
+#[test]
+fn a_handler_that_swallows_a_failed_statement_is_not_reported_applied() {
+    let schema = setup("inbox_swallow");
+    let inbox = Inbox::new("billing", schema.name()).unwrap();
+    let mut conn = schema.connect();
+    for key in [None, Some(("order-1", 1))] {
+        let message = Incoming {
+            message_id: Uuid::now_v7(),
+            key,
+        };
+        let swallowed = inbox.apply(&mut conn, message, AheadPolicy::Apply, |conn| {
+            write("lost")(conn)?;
+            let _ = diesel::sql_query("SELECT 1 / 0").execute(conn);
+            Ok(())
+        });
+        assert!(
+            swallowed.is_err(),
+            "key {key:?}: an aborted transaction reported as {swallowed:?}"
+        );
+        let mut conn = schema.connect();
+        let again = inbox.apply(&mut conn, message, AheadPolicy::Apply, write("kept"));
+        assert_eq!(again.unwrap(), Applied::Applied, "key {key:?}");
+    }
+    assert_eq!(effects(&mut schema.connect()), ["kept", "kept"]);
+}
