@@ -63,6 +63,10 @@ struct Batch {
     claimed: Vec<i16>,
     /// Those whose claim came back full: probably more is waiting.
     full: Vec<i16>,
+    /// Rows marked published, to be retried, and parked.
+    published: u64,
+    retried: u64,
+    parked: u64,
 }
 
 /// Extra time a batch may take beyond the confirm timeout (its SQL).
@@ -247,12 +251,16 @@ async fn process(
     let config = &shared.config;
     let store = &shared.store;
     // Read committed: the snapshot must be taken after the lock, per statement.
-    conn.build_transaction()
+    let batch = conn
+        .build_transaction()
         .read_committed()
-        .run(async |conn| {
+        .run::<_, crate::Error, _>(async |conn| {
             let mut batch = Batch {
                 claimed: Vec::new(),
                 full: Vec::new(),
+                published: 0,
+                retried: 0,
+                parked: 0,
             };
             let mut rows = Vec::new();
             for &partition in partitions {
@@ -279,10 +287,9 @@ async fn process(
             store.mark_failed(conn, &results.refused).await?;
             store.note_unknown(conn, &results.unknown).await?;
             let parked = results.refused.iter().filter(|f| f.park).count();
-            metrics::counter!(m::PUBLISHED).increment(results.published.len() as u64);
-            metrics::counter!(m::RETRIED)
-                .increment((results.refused.len() - parked + results.unknown.len()) as u64);
-            metrics::counter!(m::PARKED).increment(parked as u64);
+            batch.published = results.published.len() as u64;
+            batch.retried = (results.refused.len() - parked + results.unknown.len()) as u64;
+            batch.parked = parked as u64;
             debug!(
                 rows = rows.len(),
                 published = results.published.len(),
@@ -292,7 +299,13 @@ async fn process(
             );
             Ok(batch)
         })
-        .await
+        .await?;
+    // Counted once the marks are committed: a batch whose commit failed is
+    // claimed and sent again, and would otherwise be counted twice.
+    metrics::counter!(m::PUBLISHED).increment(batch.published);
+    metrics::counter!(m::RETRIED).increment(batch.retried);
+    metrics::counter!(m::PARKED).increment(batch.parked);
+    Ok(batch)
 }
 
 /// What to record for each row of a batch.
