@@ -58,6 +58,7 @@ impl Wake {
 }
 
 /// What one batch did.
+#[derive(Default)]
 struct Batch {
     /// The partitions it claimed rows from (in one transaction).
     claimed: Vec<i16>,
@@ -255,13 +256,7 @@ async fn process(
         .build_transaction()
         .read_committed()
         .run::<_, crate::Error, _>(async |conn| {
-            let mut batch = Batch {
-                claimed: Vec::new(),
-                full: Vec::new(),
-                published: 0,
-                retried: 0,
-                parked: 0,
-            };
+            let mut batch = Batch::default();
             let mut rows = Vec::new();
             for &partition in partitions {
                 let limit = config.batch_size - u32::try_from(rows.len()).unwrap_or(u32::MAX);
