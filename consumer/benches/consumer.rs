@@ -334,7 +334,12 @@ impl Bench {
             outbox::ORDERING_KEY_HEADER.into(),
             AMQPValue::LongString(key.clone()),
         );
-        headers.insert(consumer::HASH_HEADER.into(), AMQPValue::LongString(key));
+        headers.insert(
+            outbox::wire::slot_header(outbox::wire::slot(&key.to_string()))
+                .as_str()
+                .into(),
+            AMQPValue::Boolean(true),
+        );
         headers.insert(
             outbox::KEY_SEQ_HEADER.into(),
             AMQPValue::LongLongInt((i / KEYS + 1) as i64),

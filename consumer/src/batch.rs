@@ -17,7 +17,7 @@ use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use uuid::Uuid;
 
 use crate::handler::HandlerResult;
-use crate::inbox::{AheadPolicy, Applied, Check, Inbox, Incoming, out_of_turn};
+use crate::inbox::{AheadPolicy, Applied, Check, Inbox, Incoming, Outcome, out_of_turn};
 use crate::{Error, Result};
 
 /// One message of a batch, with its handler call.
@@ -28,6 +28,8 @@ pub(crate) struct BatchCall {
     pub(crate) message_id: Uuid,
     /// `x-ordering-key` and `x-key-seq`, when ordered.
     pub(crate) key: Option<(String, i64)>,
+    /// The key position it follows (see [`Incoming::after`]).
+    pub(crate) after: Option<i64>,
     /// What a message ahead of its key gets.
     pub(crate) ahead: AheadPolicy,
     /// The message's span, entered while its handler runs.
@@ -44,6 +46,7 @@ impl BatchCall {
         Incoming {
             message_id: self.message_id,
             key: self.key.as_ref().map(|(k, s)| (k.as_str(), *s)),
+            after: self.after,
         }
     }
 }
@@ -75,9 +78,9 @@ impl From<diesel::result::Error> for Bail {
 
 /// Applies `calls` (distinct keys, as the scheduler hands them out) in one
 /// transaction. `Ok(Some(outcomes))`, in the order of `calls`, holds only
-/// [`Applied::Applied`] and [`Applied::Duplicate`]. `Ok(None)`: nothing was
-/// committed and the handlers' calls are spent; apply the batch again
-/// message by message.
+/// [`Applied::Applied`] and [`Applied::Duplicate`], each saying whether
+/// messages of its key are held. `Ok(None)`: nothing was committed and the
+/// handlers' calls are spent; apply the batch again message by message.
 ///
 /// # Errors
 ///
@@ -87,8 +90,8 @@ pub(crate) fn apply_batch(
     inbox: &Inbox,
     conn: &mut PgConnection,
     calls: Vec<BatchCall>,
-) -> Result<Option<Vec<Applied>>> {
-    let result = conn.transaction::<Vec<Applied>, Bail, _>(|conn| {
+) -> Result<Option<Vec<Outcome>>> {
+    let result = conn.transaction::<Vec<Outcome>, Bail, _>(|conn| {
         // Keyed by id and key: one id twice in a batch (under two keys) is
         // inserted once, and only the copy that was gets its handler run.
         let mut fresh: HashMap<(Uuid, Option<String>), Option<i64>> = record_query(inbox, &calls)
@@ -107,8 +110,10 @@ pub(crate) fn apply_batch(
             }
         }
         let mut outcomes = Vec::with_capacity(calls.len());
+        let mut keys = Vec::with_capacity(calls.len());
         let mut moved: (Vec<String>, Vec<i64>) = (Vec::new(), Vec::new());
         for call in calls {
+            keys.push(call.key.as_ref().map(|(k, _)| k.clone()));
             if fresh.remove(&call.fresh_key()).is_none() {
                 outcomes.push(Applied::Duplicate);
                 continue;
@@ -124,8 +129,20 @@ pub(crate) fn apply_batch(
         // Run even with no key to move: a handler that swallowed a failed
         // statement left the transaction aborted, and this fails on it,
         // where the COMMIT would only turn into a silent rollback.
-        move_keys_query(inbox, moved.0, moved.1).execute(conn)?;
-        Ok(outcomes)
+        let held: std::collections::HashSet<String> = move_keys_query(inbox, moved.0, moved.1)
+            .load::<HeldKey>(conn)?
+            .into_iter()
+            .filter(|k| k.held > 0)
+            .map(|k| k.ordering_key)
+            .collect();
+        Ok(outcomes
+            .into_iter()
+            .zip(keys)
+            .map(|(applied, key)| Outcome {
+                held_behind: applied == Applied::Applied && key.is_some_and(|k| held.contains(&k)),
+                applied,
+            })
+            .collect())
     });
     match result {
         Ok(outcomes) => Ok(Some(outcomes)),
@@ -137,6 +154,15 @@ pub(crate) fn apply_batch(
     }
 }
 
+/// A key the batch moved, with how many of its messages are held.
+#[derive(QueryableByName)]
+struct HeldKey {
+    #[diesel(sql_type = Text)]
+    ordering_key: String,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    held: i32,
+}
+
 /// Locks the keys of the batch (creating missing ones at position 0), in
 /// byte order of the key (collation "C", the order the lane sorts a batch
 /// in, so a batch applied message by message locks in the same order) so
@@ -144,7 +170,7 @@ pub(crate) fn apply_batch(
 /// the dedupe rows: one row back per id that was new, with its key and the
 /// key's position before the batch.
 fn record_query<'a>(inbox: &'a Inbox, calls: &[BatchCall]) -> crate::inbox::Query<'a> {
-    let (keys, messages) = inbox.tables();
+    let (keys, messages, _) = inbox.tables();
     // `locked` is an aggregate over every locked key: it has to finish
     // before the first dedupe row is inserted, as in the one-message path.
     let sql = format!(
@@ -181,13 +207,15 @@ fn record_query<'a>(inbox: &'a Inbox, calls: &[BatchCall]) -> crate::inbox::Quer
         .bind::<Array<Nullable<BigInt>>, _>(seqs)
 }
 
-/// Moves each key of the batch to its message's sequence (never back).
+/// Moves each key of the batch to its message's sequence (never back),
+/// returning each moved key with its held count.
 fn move_keys_query(inbox: &Inbox, keys: Vec<String>, seqs: Vec<i64>) -> crate::inbox::Query<'_> {
-    let (table, _) = inbox.tables();
+    let (table, _, _) = inbox.tables();
     diesel::sql_query(format!(
         "UPDATE {table} AS k SET last_seq = GREATEST(k.last_seq, u.key_seq), updated_at = now()
          FROM unnest($2::text[], $3::bigint[]) AS u(ordering_key, key_seq)
-         WHERE k.consumer = $1 AND k.ordering_key = u.ordering_key"
+         WHERE k.consumer = $1 AND k.ordering_key = u.ordering_key
+         RETURNING k.ordering_key, k.held"
     ))
     .into_boxed()
     .bind::<Text, _>(inbox.consumer())

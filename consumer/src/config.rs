@@ -7,15 +7,18 @@ use outbox::RetryPolicy;
 
 use crate::{Error, Result};
 
-/// What to do with a message whose key has a gap that did not fill within
-/// [`ConsumerConfig::gap_wait`].
+/// What to do with a held message whose key has a gap that did not fill:
+/// the key did not move for [`ConsumerConfig::gap_wait`] while the consumer
+/// was consuming.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GapPolicy {
-    /// Apply it and move the key past the gap (the missing events may be
-    /// ones this consumer does not bind, or parked at the producer).
+    /// Apply it and move the key past the gap (the missing event may be
+    /// parked at the producer, or was published before this consumer's
+    /// binding existed); counted, logged, and a missing event arriving
+    /// later is late.
     #[default]
     Apply,
-    /// Dead-letter it; the key stays where it is.
+    /// Dead-letter it (its key moves past it, as for every dead letter).
     DeadLetter,
 }
 
@@ -52,9 +55,11 @@ pub struct ConsumerConfig {
     pub amqp_url: String,
     /// Schema the migrations installed the inbox tables in. Defaults to `public`.
     pub schema: String,
-    /// Partition queues. 1 (default): one queue, several instances fail
-    /// over. N > 1: a consistent-hash exchange spreads keys over N queues,
-    /// and live instances share the queues through leases in the database.
+    /// Partition queues, 1 to 64. 1 (default): one queue, several
+    /// instances fail over. N > 1: keys are spread over N queues by the
+    /// slot the relay stamps on each message, and the live instances share
+    /// the queues. Changing it is safe while traffic flows: the queues no
+    /// longer used are drained, then deleted (see the README).
     pub partitions: u16,
     /// Unacknowledged deliveries per queue the broker sends ahead. Defaults to 256.
     pub prefetch: u16,
@@ -72,10 +77,11 @@ pub struct ConsumerConfig {
     /// for reconnecting. After `max_attempts` the message is dead-lettered.
     /// Defaults: 200 ms doubling to 30 s, 5 attempts, with jitter.
     pub retry: RetryPolicy,
-    /// How long a message ahead of its key waits for the missing ones
-    /// before [`ConsumerConfig::after_gap`] applies. Defaults to 5 s. Set 0
-    /// for a consumer bound to only some of a key's event types: its gaps are
-    /// events it never receives.
+    /// How long a key with a held message (one that arrived ahead of an
+    /// event this consumer binds) may go without moving, while the consumer
+    /// consumes, before [`ConsumerConfig::after_gap`] applies. Held messages
+    /// wait in the database, so a long wait blocks no other key. Defaults to
+    /// 10 s.
     pub gap_wait: Duration,
     /// See [`GapPolicy`]. Defaults to apply.
     pub after_gap: GapPolicy,
@@ -89,9 +95,11 @@ pub struct ConsumerConfig {
     /// How often expired message ids are pruned (in batches of 1,000).
     /// Defaults to 1 min.
     pub prune_interval: Duration,
-    /// How long an instance counts as alive after its last heartbeat, when
-    /// partitions > 1. Defaults to 10 s (heartbeats every third of it).
-    pub member_ttl: Duration,
+    /// How often an instance checks which instances of the consumer are
+    /// alive (each holds a database session lock while it lives, so a
+    /// crashed one is gone at once) and takes its share of the queues.
+    /// Defaults to 500 ms.
+    pub membership_interval: Duration,
     /// How long shutdown waits for running handlers. Defaults to 30 s.
     pub shutdown_timeout: Duration,
     /// Declare the producers' exchanges (durable topic) if missing, so the
@@ -140,13 +148,13 @@ impl ConsumerConfig {
                 max_attempts: 5,
                 jitter: true,
             },
-            gap_wait: Duration::from_secs(5),
+            gap_wait: Duration::from_secs(10),
             after_gap: GapPolicy::Apply,
             late: LatePolicy::DeadLetter,
             unknown: UnknownPolicy::DeadLetter,
             dedupe_retention: Duration::from_secs(7 * 24 * 3600),
             prune_interval: Duration::from_secs(60),
-            member_ttl: Duration::from_secs(10),
+            membership_interval: Duration::from_millis(500),
             shutdown_timeout: Duration::from_secs(30),
             declare_exchanges: true,
         }
@@ -194,10 +202,14 @@ impl ConsumerConfig {
                 );
             }
         }
-        if self.partitions == 0 || self.partitions > 1024 {
+        if self.partitions == 0 || self.partitions > outbox::wire::SLOTS {
             return bad(
                 "partitions",
-                format!("must be 1 to 1024, got {}", self.partitions),
+                format!(
+                    "must be 1 to {} (the relay's slots), got {}",
+                    outbox::wire::SLOTS,
+                    self.partitions
+                ),
             );
         }
         if self.prefetch == 0 {
@@ -215,8 +227,13 @@ impl ConsumerConfig {
         self.retry
             .validate()
             .or_else(|reason| bad("retry", reason))?;
-        if self.member_ttl < Duration::from_secs(1) {
-            return bad("member_ttl", "must be at least 1 s".into());
+        if self.membership_interval < Duration::from_millis(50)
+            || self.membership_interval > Duration::from_secs(60)
+        {
+            return bad(
+                "membership_interval",
+                format!("must be 50 ms to 60 s, got {:?}", self.membership_interval),
+            );
         }
         if self.prune_interval.is_zero() {
             return bad("prune_interval", "must be above 0".into());
@@ -234,21 +251,38 @@ impl ConsumerConfig {
 
     /// The queue of partition `index` (the only queue when partitions = 1).
     pub fn queue(&self, index: u16) -> String {
-        if self.partitions == 1 {
-            self.name.clone()
-        } else {
-            format!("{}.{index}", self.name)
-        }
+        queue_name(&self.name, self.partitions, index)
     }
 
-    /// The consistent-hash exchange feeding the partition queues (partitions > 1).
-    pub fn partition_exchange(&self) -> String {
+    /// The headers exchange that feeds the partition queues by slot.
+    pub fn slots_exchange(&self) -> String {
+        format!("{}.slots", self.name)
+    }
+
+    /// Where a message without a slot header (not sent by our relay) goes:
+    /// a fanout exchange feeding the first queue.
+    pub fn unslotted_exchange(&self) -> String {
+        format!("{}.unslotted", self.name)
+    }
+
+    /// The consistent-hash exchange of earlier versions (removed at start).
+    pub(crate) fn legacy_partition_exchange(&self) -> String {
         format!("{}.partitions", self.name)
     }
 
     /// The dead-letter queue.
     pub fn dead_letter_queue(&self) -> String {
         format!("{}.dead-letters", self.name)
+    }
+}
+
+/// The queue of partition `index` of consumer `name` with `partitions`
+/// queues: `<name>` when there is one, `<name>.<index>` otherwise.
+pub(crate) fn queue_name(name: &str, partitions: u16, index: u16) -> String {
+    if partitions == 1 {
+        name.to_owned()
+    } else {
+        format!("{name}.{index}")
     }
 }
 
@@ -267,7 +301,7 @@ mod tests {
         assert_eq!(c.queue(0), "billing");
         c.partitions = 4;
         assert_eq!(c.queue(3), "billing.3");
-        assert_eq!(c.partition_exchange(), "billing.partitions");
+        assert_eq!(c.slots_exchange(), "billing.slots");
         assert_eq!(c.dead_letter_queue(), "billing.dead-letters");
     }
 

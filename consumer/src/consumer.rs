@@ -1,20 +1,22 @@
 //! [`Consumer`]: typed handlers on a named consumer, and its run loop:
-//! sessions on the broker, reconnects with backoff, queue sharing among
-//! instances, and pruning of old message ids.
+//! the topology declared and recorded, sessions on the broker, reconnects
+//! with backoff, queue sharing among instances, and pruning of old message
+//! ids.
 
 use std::sync::{Arc, Mutex};
 
 use diesel::{Connection, PgConnection};
 use serde::de::DeserializeOwned;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::config::ConsumerConfig;
 use crate::envelope::Envelope;
 use crate::handler::{HandlerResult, Route, Routes};
 use crate::inbox::Inbox;
+use crate::session::Assignment;
 use crate::stats::{Counters, Stats};
+use crate::topology::{self, Topology};
 use crate::{Error, Result, members, route, session};
 
 /// What the sessions and lanes of one consumer share.
@@ -23,6 +25,10 @@ pub(crate) struct Shared {
     pub(crate) routes: Routes,
     pub(crate) inbox: Inbox,
     pub(crate) counters: Counters,
+    /// Poked when the recorded topology changed, so membership looks now.
+    pub(crate) membership_changed: Notify,
+    /// The queues the current session consumes (for [`Consumer::queues`]).
+    pub(crate) subscribed: Mutex<Vec<String>>,
     /// Lane connections kept from one session to the next.
     connections: Mutex<Vec<PgConnection>>,
 }
@@ -30,6 +36,10 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn take_connections(&self) -> Vec<PgConnection> {
         std::mem::take(&mut *self.connections.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub(crate) fn set_subscribed(&self, queues: Vec<String>) {
+        *self.subscribed.lock().unwrap_or_else(|p| p.into_inner()) = queues;
     }
 
     pub(crate) fn return_connections(&self, conns: Vec<PgConnection>) {
@@ -117,6 +127,8 @@ impl ConsumerBuilder {
                 routes: Routes(self.routes),
                 inbox,
                 counters: Counters::default(),
+                membership_changed: Notify::new(),
+                subscribed: Mutex::new(Vec::new()),
                 connections: Mutex::new(Vec::new()),
             }),
         })
@@ -157,97 +169,108 @@ impl Consumer {
         self.shared.counters.snapshot()
     }
 
+    /// The queues this instance consumes now (empty between sessions): its
+    /// share of the partition queues, and of the queues being drained.
+    pub fn queues(&self) -> Vec<String> {
+        self.shared
+            .subscribed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Declares the consumer's queues, exchanges and bindings now
-    /// (idempotently) and returns. [`Consumer::run`] does it too, but a
-    /// message published before its consumer's binding exists never reaches
-    /// that consumer (and `mandatory` does not catch it when another
-    /// consumer's queue took it). So declare at deploy time, or before the
-    /// producers start.
+    /// (idempotently), records its partition count, and returns.
+    /// [`Consumer::run`] does it too, but a message published before its
+    /// consumer's binding exists never reaches that consumer (and
+    /// `mandatory` does not catch it when another consumer's queue took
+    /// it). So declare at deploy time, or before the producers start.
     ///
     /// # Errors
     ///
-    /// [`Error::Connect`], [`Error::Broker`] or [`Error::Topology`].
+    /// [`Error::Connect`], [`Error::Broker`], [`Error::Database`] or
+    /// [`Error::Topology`].
     pub async fn declare(&self) -> Result<()> {
         let connection = session::connect(&self.shared).await?;
-        let result = async {
-            let channel = connection
-                .create_channel()
-                .await
-                .map_err(|e| Error::Broker {
-                    operation: "opening a channel",
-                    cause: e.to_string(),
-                })?;
-            crate::topology::declare(&channel, &self.shared.config, &self.shared.routes).await
-        }
-        .await;
+        let result = reconcile(&self.shared, &connection, self.shared.config.partitions).await;
         let _ = connection.close(200, "declared".into()).await;
-        result
+        result.map(|_| ())
     }
 
     /// Declares the topology and consumes until `shutdown` is cancelled:
     /// then it stops taking deliveries, lets running handlers finish and
     /// ack (up to `shutdown_timeout`), closes its channels (unacked
-    /// deliveries go back to their queues) and returns `Ok`. A lost broker
-    /// or database connection is retried with backoff, forever.
+    /// deliveries go back to their queues) and returns `Ok`. A broker or
+    /// database that is down or goes away, at start or later, is retried
+    /// with backoff, forever.
     ///
     /// # Errors
     ///
     /// [`Error::Topology`] when the broker refuses the consumer's objects
-    /// (they exist with other arguments), which a retry would not fix.
+    /// in a way a retry would not fix (they exist with other arguments, or
+    /// the user lacks the permission); the error names the object.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
         let shared = &self.shared;
         let config = &shared.config;
-        let instance = Uuid::now_v7();
         let stop_tasks = shutdown.child_token();
-        let (assignment_tx, mut assignment) = watch::channel::<Option<Vec<u16>>>(None);
-        let mut tasks = Vec::new();
-        if config.partitions == 1 {
-            let _ = assignment_tx.send(Some(vec![0]));
-        } else {
-            tasks.push(tokio::spawn(membership(
-                Arc::clone(shared),
-                instance,
-                assignment_tx,
-                stop_tasks.clone(),
-            )));
-        }
-        tasks.push(tokio::spawn(prune_loop(
+        let (assignment_tx, mut assignment) = watch::channel::<Option<Assignment>>(None);
+        let member = members::Member::new(&config.schema, &config.name);
+        let membership = tokio::spawn(membership(
             Arc::clone(shared),
+            member,
+            assignment_tx,
             stop_tasks.clone(),
-        )));
+        ));
+        let prune = tokio::spawn(prune_loop(Arc::clone(shared), stop_tasks.clone()));
 
         let mut delays = config.retry.reconnect_delays();
+        let mut connection: Option<lapin::Connection> = None;
+        // The configured count applies at this instance's first declaration;
+        // later ones (after a reconnect) follow the recorded count, which
+        // another instance may have changed.
+        let mut first = true;
         let result = loop {
             if shutdown.is_cancelled() {
                 break Ok(());
             }
-            // Wait for the first assignment (partitions > 1).
-            let queues = loop {
-                if let Some(q) = assignment.borrow_and_update().clone() {
-                    break Some(q);
-                }
-                tokio::select! {
-                    () = shutdown.cancelled() => break None,
-                    changed = assignment.changed() => if changed.is_err() { break None },
-                }
-            };
-            let Some(queues) = queues else {
-                break Ok(());
-            };
-            let end = shutdown.child_token();
-            let watcher = {
-                let end = end.clone();
-                let mut assignment = assignment.clone();
-                tokio::spawn(async move {
-                    if assignment.changed().await.is_ok() {
-                        end.cancel();
+            let failure = async {
+                let conn = match connection.take() {
+                    Some(conn) if conn.status().connected() => conn,
+                    _ => {
+                        let conn = session::connect(shared).await?;
+                        let partitions = if first { Some(config.partitions) } else { None };
+                        reconcile_following(shared, &conn, partitions).await?;
+                        first = false;
+                        shared.membership_changed.notify_one();
+                        conn
                     }
-                })
-            };
-            tracing::info!(consumer = %config.name, ?queues, "consumer session starting");
-            let outcome = session::run(shared, &queues, &end).await;
-            watcher.abort();
-            match outcome {
+                };
+                let Some(queues) = wait_assignment(&mut assignment, &shutdown).await else {
+                    connection = Some(conn);
+                    return Ok(());
+                };
+                let end = shutdown.child_token();
+                let watcher = {
+                    let end = end.clone();
+                    let mut assignment = assignment.clone();
+                    tokio::spawn(async move {
+                        if assignment.changed().await.is_ok() {
+                            end.cancel();
+                        }
+                    })
+                };
+                tracing::info!(consumer = %config.name, queues = ?queues.queues, "consumer session starting");
+                let ended = session::consume(shared, &conn, &queues, &end).await;
+                watcher.abort();
+                if ended.is_ok() && conn.status().connected() {
+                    connection = Some(conn);
+                } else {
+                    let _ = conn.close(200, "consumer session over".into()).await;
+                }
+                ended.map(|_| ())
+            }
+            .await;
+            match failure {
                 Ok(()) => delays = config.retry.reconnect_delays(),
                 Err(e @ (Error::Topology { .. } | Error::Config { .. })) => break Err(e),
                 Err(e) => {
@@ -260,86 +283,176 @@ impl Consumer {
                 }
             }
         };
-        stop_tasks.cancel();
-        for task in tasks {
-            let _ = task.await;
+        if let Some(conn) = connection {
+            let _ = conn.close(200, "consumer stopping".into()).await;
         }
-        if config.partitions > 1 {
-            let shared = Arc::clone(shared);
-            let _ = tokio::task::spawn_blocking(move || {
-                let mut conn = PgConnection::establish(&shared.config.database_url).ok()?;
-                members::leave(
-                    &mut conn,
-                    &shared.config.schema,
-                    &shared.config.name,
-                    instance,
-                )
-                .ok()
-            })
-            .await;
+        stop_tasks.cancel();
+        let _ = prune.await;
+        if let Ok(member) = membership.await {
+            let _ = tokio::task::spawn_blocking(move || member.leave()).await;
         }
         result
     }
 }
 
-/// Heartbeats and publishes this instance's share of the partition queues.
+/// The next assignment, once there is one; `None` at shutdown.
+async fn wait_assignment(
+    assignment: &mut watch::Receiver<Option<Assignment>>,
+    shutdown: &CancellationToken,
+) -> Option<Assignment> {
+    loop {
+        if let Some(a) = assignment.borrow_and_update().clone() {
+            return Some(a);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            changed = assignment.changed() => if changed.is_err() { return None },
+        }
+    }
+}
+
+/// Declares the topology for `partitions` (or, when `None`, the recorded
+/// count) on `connection`, and records it.
+async fn reconcile_following(
+    shared: &Arc<Shared>,
+    connection: &lapin::Connection,
+    partitions: Option<u16>,
+) -> Result<Topology> {
+    let recorded = read_topology(shared).await?;
+    let partitions = partitions
+        .or(recorded.as_ref().map(|t| t.partitions))
+        .unwrap_or(shared.config.partitions);
+    declare_and_record(shared, connection, partitions, recorded).await
+}
+
+/// Declares the topology for `partitions` on `connection`, and records it.
+async fn reconcile(
+    shared: &Arc<Shared>,
+    connection: &lapin::Connection,
+    partitions: u16,
+) -> Result<Topology> {
+    let recorded = read_topology(shared).await?;
+    declare_and_record(shared, connection, partitions, recorded).await
+}
+
+async fn declare_and_record(
+    shared: &Arc<Shared>,
+    connection: &lapin::Connection,
+    partitions: u16,
+    recorded: Option<Topology>,
+) -> Result<Topology> {
+    let config = &shared.config;
+    let topology = topology::declare(
+        connection,
+        config,
+        &shared.routes,
+        partitions,
+        recorded.as_ref(),
+    )
+    .await?;
+    if recorded.as_ref() != Some(&topology) {
+        if let Some(before) = &recorded
+            && before.partitions != topology.partitions
+        {
+            tracing::info!(consumer = %config.name, from = before.partitions, to = topology.partitions, retiring = ?topology.retiring, "partition count changed");
+        }
+        let record = topology.clone();
+        with_database(shared, "recording the topology", move |conn, config| {
+            topology::write(conn, &config.schema, &config.name, &record)
+        })
+        .await?;
+    }
+    Ok(topology)
+}
+
+async fn read_topology(shared: &Arc<Shared>) -> Result<Option<Topology>> {
+    with_database(shared, "reading the topology", |conn, config| {
+        topology::read(conn, &config.schema, &config.name)
+    })
+    .await
+}
+
+/// Runs `f` on a fresh database connection on a blocking thread.
+async fn with_database<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    operation: &'static str,
+    f: impl FnOnce(&mut PgConnection, &ConsumerConfig) -> diesel::QueryResult<T> + Send + 'static,
+) -> Result<T> {
+    let shared = Arc::clone(shared);
+    tokio::task::spawn_blocking(move || {
+        let config = &shared.config;
+        let mut conn =
+            PgConnection::establish(&config.database_url).map_err(|e| Error::Connect {
+                what: "database",
+                url: outbox::redact_url(&config.database_url),
+                cause: e.to_string(),
+            })?;
+        f(&mut conn, config).map_err(|cause| Error::Database { operation, cause })
+    })
+    .await
+    .map_err(|e| Error::Handler(format!("{operation} panicked: {e}")))?
+}
+
+/// Checks who is alive every `membership_interval` (and when poked), and
+/// publishes this instance's share of the queues. Returns the member, to
+/// leave with.
 async fn membership(
     shared: Arc<Shared>,
-    instance: Uuid,
-    assignment: watch::Sender<Option<Vec<u16>>>,
+    mut member: members::Member,
+    assignment: watch::Sender<Option<Assignment>>,
     stop: CancellationToken,
-) {
+) -> members::Member {
     let config = &shared.config;
-    let every = config.member_ttl / 3;
-    let mut conn: Option<PgConnection> = None;
     loop {
-        let beat = {
-            let shared = Arc::clone(&shared);
-            let taken = conn.take();
-            tokio::task::spawn_blocking(move || {
-                let mut c = match taken {
-                    Some(c) => c,
-                    None => PgConnection::establish(&shared.config.database_url)
-                        .map_err(|e| e.to_string())?,
-                };
-                let config = &shared.config;
-                let live = members::heartbeat(
-                    &mut c,
-                    &config.schema,
-                    &config.name,
-                    instance,
-                    config.member_ttl,
-                )
-                .map_err(|e| e.to_string())?;
-                Ok::<_, String>((c, live))
-            })
-            .await
+        let url = config.database_url.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            let view = member.check(&url);
+            (member, view)
+        })
+        .await;
+        let view = match checked {
+            Ok((m, view)) => {
+                member = m;
+                view
+            }
+            Err(e) => {
+                tracing::error!(consumer = %config.name, error = %e, "membership task failed");
+                return members::Member::new(&config.schema, &config.name);
+            }
         };
-        match beat {
-            Ok(Ok((c, live))) => {
-                conn = Some(c);
-                let queues = match live.iter().position(|i| *i == instance) {
-                    Some(rank) => members::assigned(config.partitions, rank, live.len()),
-                    None => Vec::new(),
-                };
+        match view {
+            Ok(view) => {
+                let next = view.topology.as_ref().map(|topology| {
+                    let rank = view
+                        .live
+                        .iter()
+                        .position(|i| *i == member.instance)
+                        .unwrap_or(0);
+                    Assignment {
+                        queues: members::assigned(&config.name, topology, rank, view.live.len()),
+                        retiring: topology.retiring.iter().cloned().collect(),
+                    }
+                });
                 assignment.send_if_modified(|current| {
-                    if current.as_ref() == Some(&queues) {
+                    if *current == next || next.is_none() {
                         false
                     } else {
-                        tracing::info!(consumer = %config.name, instances = live.len(), ?queues, "partition queues reassigned");
-                        *current = Some(queues);
+                        tracing::info!(consumer = %config.name, instances = view.live.len(), queues = ?next.as_ref().map(|a| &a.queues), "queues assigned");
+                        *current = next;
                         true
                     }
                 });
             }
             // Keep the current queues: single active consumer and the key
             // locks keep order if another instance takes them meanwhile.
-            Ok(Err(e)) => tracing::warn!(consumer = %config.name, error = %e, "heartbeat failed"),
-            Err(e) => tracing::warn!(consumer = %config.name, error = %e, "heartbeat task failed"),
+            Err(e) => {
+                tracing::warn!(consumer = %config.name, error = %e, "membership check failed")
+            }
         }
         tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
+            () = stop.cancelled() => return member,
+            () = shared.membership_changed.notified() => {}
+            () = tokio::time::sleep(config.membership_interval) => {}
         }
     }
 }

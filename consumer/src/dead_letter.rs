@@ -10,8 +10,8 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 
 use crate::config::ConsumerConfig;
 use crate::envelope::REPLAY_HEADER;
-use crate::topology::HASH_HEADER;
 use crate::{Error, Result};
+use diesel::Connection as _;
 
 /// Header: why the message was dead-lettered.
 pub const REASON_HEADER: &str = "x-dead-letter-reason";
@@ -127,7 +127,7 @@ fn text(s: &str) -> AMQPValue {
 }
 
 /// Moves up to `limit` dead letters of the consumer back into its queue
-/// (the partition queue of their key when partitions > 1), marked so the
+/// (the partition queue of their slot when partitions > 1), marked so the
 /// consumer applies them whatever their key's position. A replayed message
 /// already applied is still a duplicate. Returns how many were moved.
 ///
@@ -139,6 +139,18 @@ fn text(s: &str) -> AMQPValue {
 /// [`Error::Connect`] or [`Error::Broker`]; what was moved before stays moved.
 pub async fn replay_dead_letters(config: &ConsumerConfig, limit: usize) -> Result<usize> {
     config.validate()?;
+    // The recorded partition count (another instance may have changed it).
+    let partitions = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = diesel::PgConnection::establish(&config.database_url).ok()?;
+            crate::topology::read(&mut conn, &config.schema, &config.name).ok()?
+        })
+        .await
+        .ok()
+        .flatten()
+        .map_or(config.partitions, |t| t.partitions)
+    };
     let connection = Connection::connect(&config.amqp_url, ConnectionProperties::default())
         .await
         .map_err(|e| Error::Connect {
@@ -170,49 +182,24 @@ pub async fn replay_dead_letters(config: &ConsumerConfig, limit: usize) -> Resul
         let delivery = message.delivery;
         let mut headers: FieldTable = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(REPLAY_HEADER.into(), AMQPValue::Boolean(true));
-        let routing_key = match headers.inner().get(ORIGINAL_ROUTING_KEY_HEADER) {
-            Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-            _ => String::new(),
-        };
-        let properties = delivery.properties.clone().with_headers(headers.clone());
-        if config.partitions == 1 {
-            confirmed_publish(
-                &channel,
-                "",
-                &config.queue(0),
-                &delivery.data,
-                properties,
-                "replaying a dead letter",
-            )
-            .await?;
-        } else {
-            if !headers.inner().contains_key(HASH_HEADER) {
-                // Sent by an older relay: hash on the key, or the id.
-                let key = headers
-                    .inner()
-                    .get(outbox::ORDERING_KEY_HEADER)
-                    .cloned()
-                    .or_else(|| {
-                        delivery
-                            .properties
-                            .message_id()
-                            .as_ref()
-                            .map(|id| text(id.as_str()))
-                    })
-                    .unwrap_or_else(|| text(""));
-                headers.insert(HASH_HEADER.into(), key);
-            }
-            let properties = properties.with_headers(headers);
-            confirmed_publish(
-                &channel,
-                &config.partition_exchange(),
-                &routing_key,
-                &delivery.data,
-                properties,
-                "replaying a dead letter",
-            )
-            .await?;
-        }
+        // Straight into the queue of its slot (the first one for a message
+        // without a slot), through the default exchange.
+        let slot = headers
+            .inner()
+            .keys()
+            .find_map(|name| outbox::wire::parse_slot_header(name.as_str()))
+            .unwrap_or(0);
+        let queue = crate::config::queue_name(&config.name, partitions, slot % partitions);
+        let properties = delivery.properties.clone().with_headers(headers);
+        confirmed_publish(
+            &channel,
+            "",
+            &queue,
+            &delivery.data,
+            properties,
+            "replaying a dead letter",
+        )
+        .await?;
         delivery
             .acker
             .ack(BasicAckOptions::default())

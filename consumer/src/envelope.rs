@@ -4,7 +4,10 @@
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
-use outbox::{EVENT_VERSION_HEADER, KEY_SEQ_HEADER, ORDERING_KEY_HEADER};
+use outbox::wire::{
+    EVENT_VERSION_HEADER, KEY_PREV_ANY_HEADER, KEY_PREV_HEADER, KEY_SEQ_HEADER, KeyPrev,
+    ORDERING_KEY_HEADER,
+};
 use uuid::Uuid;
 
 /// Header set on a replayed dead letter: apply it whatever its key's position.
@@ -19,6 +22,10 @@ pub struct Meta {
     pub ordering_key: Option<String>,
     /// `x-key-seq`: the event's number within its key, from 1.
     pub key_seq: Option<i64>,
+    /// `x-key-prev` and `x-key-prev-any`: what came before this event of
+    /// its key, per route. `None` from producers that do not send it; the
+    /// event then follows `key_seq - 1`.
+    pub key_prev: Option<KeyPrev>,
     /// The AMQP `type` property (the event type), if set.
     pub event_type: Option<String>,
     /// `x-event-version`, if set.
@@ -115,6 +122,12 @@ pub(crate) fn read(
             }
         },
     };
+    let key_prev = match (&key_seq, headers.inner().get(KEY_PREV_HEADER)) {
+        (Some(_), Some(value)) => {
+            Some(read_key_prev(value, headers.inner().get(KEY_PREV_ANY_HEADER)).map_err(bad)?)
+        }
+        _ => None,
+    };
     let event_version = headers.inner().get(EVENT_VERSION_HEADER).and_then(integer);
     let replayed = matches!(
         headers.inner().get(REPLAY_HEADER),
@@ -136,6 +149,7 @@ pub(crate) fn read(
         message_id,
         ordering_key,
         key_seq,
+        key_prev,
         event_type: properties.kind().as_ref().map(|s| s.as_str().to_owned()),
         event_version,
         exchange,
@@ -145,6 +159,30 @@ pub(crate) fn read(
         replayed,
         headers,
     })
+}
+
+/// `x-key-prev` (`{exchange: {routing key: key_seq}}`) and
+/// `x-key-prev-any`; `Err` says what does not fit.
+fn read_key_prev(routes: &AMQPValue, any: Option<&AMQPValue>) -> Result<KeyPrev, String> {
+    let shape = || format!("{KEY_PREV_HEADER} must be a table of tables of integers");
+    let AMQPValue::FieldTable(exchanges) = routes else {
+        return Err(shape());
+    };
+    let mut prev = KeyPrev::default();
+    for (exchange, keys) in exchanges.inner() {
+        let AMQPValue::FieldTable(keys) = keys else {
+            return Err(shape());
+        };
+        let entry = prev.routes.entry(exchange.to_string()).or_default();
+        for (key, seq) in keys.inner() {
+            entry.insert(key.to_string(), integer(seq).ok_or_else(shape)?);
+        }
+    }
+    if let Some(any) = any {
+        prev.any = integer(any)
+            .ok_or_else(|| format!("{KEY_PREV_ANY_HEADER} must be an integer, got {any:?}"))?;
+    }
+    Ok(prev)
 }
 
 /// Any AMQP integer, or a string of digits (some clients send numbers as text).

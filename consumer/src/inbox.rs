@@ -1,9 +1,14 @@
 //! The per-message transaction: dedupe by message id and keep per-key
 //! order, with the handler's writes in the same transaction.
+//!
+//! A message ahead of its key is not applied: the consumer keeps it in
+//! `inbox_held` ([`crate::held`]) and acks it, and whoever moves the key
+//! next applies what waits behind it. Every statement that moves a key
+//! reports how many messages of the key are held, so that happens at once.
 
 use std::time::Duration;
 
-use diesel::sql_types::{BigInt, Nullable, Text};
+use diesel::sql_types::{BigInt, Integer, Nullable, Text};
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use uuid::Uuid;
 
@@ -32,19 +37,46 @@ pub struct Incoming<'a> {
     pub message_id: Uuid,
     /// `x-ordering-key` and `x-key-seq`, when the message is ordered.
     pub key: Option<(&'a str, i64)>,
+    /// The key position this message must follow: the `key_seq` of the
+    /// latest earlier event of the key that this consumer receives (see
+    /// [`outbox::wire::KeyPrev::predecessor`]). `None`: the one just before
+    /// it, `key_seq - 1`, as for a consumer of every event of the key.
+    pub after: Option<i64>,
 }
 
-/// What to do with a message that is ahead of its key (`key_seq` beyond
-/// the next one).
+impl<'a> Incoming<'a> {
+    /// An ordered message that follows `key_seq - 1`.
+    pub fn keyed(message_id: Uuid, key: &'a str, key_seq: i64) -> Self {
+        Incoming {
+            message_id,
+            key: Some((key, key_seq)),
+            after: None,
+        }
+    }
+
+    /// An unordered message.
+    pub fn unordered(message_id: Uuid) -> Self {
+        Incoming {
+            message_id,
+            key: None,
+            after: None,
+        }
+    }
+
+    /// The position the key must be at for this message to run.
+    pub(crate) fn after_seq(&self) -> Option<i64> {
+        self.key.map(|(_, seq)| self.after.unwrap_or(seq - 1))
+    }
+}
+
+/// What to do with a message that is ahead of its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AheadPolicy {
-    /// Apply it: gaps are events this consumer does not bind (or parked
-    /// ones). Right for consumers bound to some of a key's event types.
+    /// Apply it and move the key past the gap.
     #[default]
     Apply,
-    /// Do not apply it yet: the caller holds the delivery until the missing
-    /// ones arrive (or its own timeout). For consumers bound to every event
-    /// type of their keys.
+    /// Do not apply it: [`Applied::Held`], nothing written. The consumer
+    /// then keeps it in the database until its key gets there.
     Hold,
 }
 
@@ -54,10 +86,11 @@ pub enum AheadPolicy {
 pub enum Applied {
     /// The handler ran and its writes committed with the dedupe row.
     Applied,
-    /// Already applied (or discarded) by this consumer: nothing ran.
+    /// Already applied (or discarded, dead-lettered, held) by this
+    /// consumer: nothing ran.
     Duplicate,
     /// Ahead of its key under [`AheadPolicy::Hold`]: nothing ran or was
-    /// written; hold the delivery and offer it again later.
+    /// written.
     Held {
         /// The key's last applied sequence number.
         last: i64,
@@ -102,6 +135,23 @@ impl Settled {
     }
 }
 
+/// An inbox transaction's result as the consumer uses it: what became of
+/// the message, and whether messages of its key are held and may now run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Outcome {
+    pub(crate) applied: Applied,
+    pub(crate) held_behind: bool,
+}
+
+impl From<Applied> for Outcome {
+    fn from(applied: Applied) -> Self {
+        Outcome {
+            applied,
+            held_behind: false,
+        }
+    }
+}
+
 /// The outcome for a message that must not run now (held or late), given
 /// its key's position `last`; `None` when its handler runs.
 pub(crate) fn out_of_turn(
@@ -109,10 +159,12 @@ pub(crate) fn out_of_turn(
     message: Incoming<'_>,
     check: Check,
 ) -> Option<Applied> {
-    let (Some(last), Some((_, seq)), Check::Order(ahead)) = (last, message.key, check) else {
+    let (Some(last), Some((_, seq)), Some(after), Check::Order(ahead)) =
+        (last, message.key, message.after_seq(), check)
+    else {
         return None;
     };
-    match position(last, seq) {
+    match position(last, seq, after) {
         Position::Next => None,
         Position::Ahead { .. } if ahead == AheadPolicy::Apply => None,
         Position::Ahead { .. } => Some(Applied::Held { last }),
@@ -127,12 +179,22 @@ pub(crate) enum Check {
     None,
 }
 
+/// What a message's id row may take over when it is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Takeover {
+    /// Nothing: an id already recorded is a duplicate.
+    Nothing,
+    /// A dead-lettered id (a replay applies it).
+    DeadLettered,
+}
+
 /// The inbox of one consumer name in one schema.
 #[derive(Debug, Clone)]
 pub struct Inbox {
     consumer: String,
     keys_table: String,
     messages_table: String,
+    held_table: String,
 }
 
 /// What recording a message found: the key's position before it (NULL
@@ -141,6 +203,13 @@ pub struct Inbox {
 pub(crate) struct Recorded {
     #[diesel(sql_type = Nullable<BigInt>)]
     pub(crate) last_seq: Option<i64>,
+}
+
+/// How many messages of a key are held after it moved (NULL: unordered).
+#[derive(QueryableByName)]
+pub(crate) struct HeldCount {
+    #[diesel(sql_type = Nullable<Integer>)]
+    pub(crate) held: Option<i32>,
 }
 
 /// Why a transaction ended without committing.
@@ -183,6 +252,7 @@ impl Inbox {
             consumer: name.to_owned(),
             keys_table: format!(r#""{schema}".inbox_keys"#),
             messages_table: format!(r#""{schema}".inbox_messages"#),
+            held_table: format!(r#""{schema}".inbox_held"#),
         })
     }
 
@@ -207,6 +277,7 @@ impl Inbox {
         F: FnOnce(&mut PgConnection) -> std::result::Result<(), HandlerError>,
     {
         self.run(conn, message, Check::Order(ahead), handler)
+            .map(|o| o.applied)
     }
 
     /// Like [`Inbox::apply`], but without the sequence check: for a message
@@ -228,6 +299,7 @@ impl Inbox {
         F: FnOnce(&mut PgConnection) -> std::result::Result<(), HandlerError>,
     {
         self.run(conn, message, Check::None, handler)
+            .map(|o| o.applied)
     }
 
     /// Records a message this consumer gives up on without running a
@@ -244,16 +316,28 @@ impl Inbox {
         message: Incoming<'_>,
         outcome: Settled,
     ) -> Result<bool> {
-        conn.transaction::<bool, diesel::result::Error, _>(|conn| {
+        self.settle_inner(conn, message, outcome)
+            .map(|o| o.is_some())
+    }
+
+    /// [`Inbox::settle`], reporting whether messages of the key are held
+    /// (`None`: the id was recorded already).
+    pub(crate) fn settle_inner(
+        &self,
+        conn: &mut PgConnection,
+        message: Incoming<'_>,
+        outcome: Settled,
+    ) -> Result<Option<bool>> {
+        conn.transaction::<Option<bool>, diesel::result::Error, _>(|conn| {
             if self
-                .record_query(message, outcome.as_str(), false)
+                .record_query(message, outcome.as_str(), Takeover::Nothing)
                 .load::<Recorded>(conn)?
                 .is_empty()
             {
-                return Ok(false);
+                return Ok(None);
             }
-            self.move_key(conn, message)?;
-            Ok(true)
+            let held = self.move_key_query(message, 0).load::<HeldCount>(conn)?;
+            Ok(Some(held_behind(&held)))
         })
         .map_err(|cause| Error::Database {
             operation: "recording a settled message",
@@ -261,22 +345,27 @@ impl Inbox {
         })
     }
 
-    fn run<F>(
+    /// The inbox transaction of a live delivery, as [`Inbox::apply`], with
+    /// whether messages of its key are held behind it.
+    pub(crate) fn run<F>(
         &self,
         conn: &mut PgConnection,
         message: Incoming<'_>,
         check: Check,
         handler: F,
-    ) -> Result<Applied>
+    ) -> Result<Outcome>
     where
         F: FnOnce(&mut PgConnection) -> std::result::Result<(), HandlerError>,
     {
-        let result = conn.transaction::<Applied, Abort, _>(|conn| {
+        let result = conn.transaction::<Outcome, Abort, _>(|conn| {
             // The key's row lock orders handlers of one key, across threads
             // and instances: a newcomer waits here, then sees the true position.
-            let revive = matches!(check, Check::None);
+            let takeover = match check {
+                Check::None => Takeover::DeadLettered,
+                Check::Order(_) => Takeover::Nothing,
+            };
             let Some(last) = self
-                .record_query(message, "applied", revive)
+                .record_query(message, "applied", takeover)
                 .load::<Recorded>(conn)?
                 .pop()
             else {
@@ -285,34 +374,74 @@ impl Inbox {
             if let Some(outcome) = out_of_turn(last.last_seq, message, check) {
                 return Err(Abort::Outcome(outcome));
             }
-            match handler(conn) {
-                Ok(()) => {
-                    self.after_handler_query(message).execute(conn)?;
-                    Ok(Applied::Applied)
-                }
-                Err(HandlerError::Retry { after, reason }) => {
-                    Err(Abort::Outcome(Applied::Retry { after, reason }))
-                }
-                // Undo everything, then record the discard on its own.
-                Err(HandlerError::Discard(reason)) => Err(Abort::Discard(reason)),
-            }
+            self.handle(conn, message, 0, handler)
         });
+        self.finish_discarding(conn, message, result, Inbox::settle_inner)
+    }
+
+    /// Runs `handler` inside the message's transaction and, when it
+    /// succeeds, moves the key (less `released` held messages).
+    pub(crate) fn handle<F>(
+        &self,
+        conn: &mut PgConnection,
+        message: Incoming<'_>,
+        released: i32,
+        handler: F,
+    ) -> std::result::Result<Outcome, Abort>
+    where
+        F: FnOnce(&mut PgConnection) -> std::result::Result<(), HandlerError>,
+    {
+        match handler(conn) {
+            Ok(()) => {
+                let held = self
+                    .after_handler_query(message, released)
+                    .load::<HeldCount>(conn)?;
+                Ok(Outcome {
+                    applied: Applied::Applied,
+                    held_behind: held_behind(&held),
+                })
+            }
+            Err(HandlerError::Retry { after, reason }) => {
+                Err(Abort::Outcome(Applied::Retry { after, reason }))
+            }
+            // Undo everything, then record the discard on its own.
+            Err(HandlerError::Discard(reason)) => Err(Abort::Discard(reason)),
+        }
+    }
+
+    /// A transaction's result as the caller sees it; a discard (rolled
+    /// back) is recorded now with `settle`.
+    pub(crate) fn finish_discarding(
+        &self,
+        conn: &mut PgConnection,
+        message: Incoming<'_>,
+        result: std::result::Result<Outcome, Abort>,
+        settle: fn(&Inbox, &mut PgConnection, Incoming<'_>, Settled) -> Result<Option<bool>>,
+    ) -> Result<Outcome> {
         match result {
             Err(Abort::Discard(reason)) => {
-                self.settle(conn, message, Settled::Discarded)?;
-                Ok(Applied::Discarded(reason))
+                let held = settle(self, conn, message, Settled::Discarded)?;
+                Ok(Outcome {
+                    applied: Applied::Discarded(reason),
+                    held_behind: held == Some(true),
+                })
             }
             other => finish(other),
         }
     }
 }
 
+/// Whether a key-moving statement found messages of the key held.
+pub(crate) fn held_behind(rows: &[HeldCount]) -> bool {
+    rows.iter().any(|r| r.held.unwrap_or(0) > 0)
+}
+
 /// A transaction's result as the caller sees it.
-pub(crate) fn finish(result: std::result::Result<Applied, Abort>) -> Result<Applied> {
+pub(crate) fn finish(result: std::result::Result<Outcome, Abort>) -> Result<Outcome> {
     match result {
-        Ok(applied) => Ok(applied),
-        Err(Abort::Outcome(outcome)) => Ok(outcome),
-        Err(Abort::Discard(reason)) => Ok(Applied::Discarded(reason)),
+        Ok(outcome) => Ok(outcome),
+        Err(Abort::Outcome(applied)) => Ok(applied.into()),
+        Err(Abort::Discard(reason)) => Ok(Applied::Discarded(reason).into()),
         Err(Abort::Database(cause)) => Err(Error::Database {
             operation: "applying a message",
             cause,
@@ -326,16 +455,9 @@ impl Inbox {
         &self.consumer
     }
 
-    /// The schema-qualified keys and messages tables.
-    pub(crate) fn tables(&self) -> (&str, &str) {
-        (&self.keys_table, &self.messages_table)
-    }
-
-    fn move_key(&self, conn: &mut PgConnection, message: Incoming<'_>) -> diesel::QueryResult<()> {
-        if let Some(query) = self.move_key_query(message) {
-            query.execute(conn)?;
-        }
-        Ok(())
+    /// The schema-qualified keys, messages and held tables.
+    pub(crate) fn tables(&self) -> (&str, &str, &str) {
+        (&self.keys_table, &self.messages_table, &self.held_table)
     }
 
     // The statements, built once here for the sync and the async paths.
@@ -343,18 +465,20 @@ impl Inbox {
     /// Locks the key's row (creating it at position 0) and inserts the
     /// dedupe row, in one statement and in that order: one row with the
     /// key's position (NULL when unordered) if the id was new, none if it
-    /// was already there. With `revive`, a dead-lettered id is taken over.
+    /// was already there. `takeover` lets a dead-lettered
+    /// id be applied (a replay).
     pub(crate) fn record_query<'a>(
         &'a self,
         message: Incoming<'a>,
         outcome: &'static str,
-        revive: bool,
+        takeover: Takeover,
     ) -> Query<'a> {
-        let conflict = if revive {
-            "ON CONFLICT (consumer, message_id) DO UPDATE SET outcome = EXCLUDED.outcome,
-                 processed_at = now() WHERE m.outcome = 'dead-lettered'"
-        } else {
-            "ON CONFLICT DO NOTHING"
+        let conflict = match takeover {
+            Takeover::DeadLettered => {
+                "ON CONFLICT (consumer, message_id) DO UPDATE SET outcome = EXCLUDED.outcome,
+                     processed_at = now() WHERE m.outcome = 'dead-lettered'"
+            }
+            Takeover::Nothing => "ON CONFLICT DO NOTHING",
         };
         let (keys, messages) = (&self.keys_table, &self.messages_table);
         // The inserted row is selected from the key's upsert, so the key is
@@ -386,30 +510,39 @@ impl Inbox {
     }
 
     /// The statement after a handler that succeeded: the key's move, or for
-    /// an unordered message a plain `SELECT 1`. Either way one statement
+    /// an unordered message a plain `SELECT`. Either way one statement
     /// runs after the handler's: a handler that swallowed the error of a
     /// failed statement left the transaction aborted, and PostgreSQL would
     /// turn its COMMIT into a rollback without an error, so the message
     /// would look applied and be acked with nothing committed. This
-    /// statement fails instead, and the message is tried again.
-    pub(crate) fn after_handler_query<'a>(&'a self, message: Incoming<'a>) -> Query<'a> {
-        self.move_key_query(message)
-            .unwrap_or_else(|| diesel::sql_query("SELECT 1").into_boxed())
+    /// statement fails instead, and the message is tried again. Returns one
+    /// [`HeldCount`] row.
+    pub(crate) fn after_handler_query<'a>(
+        &'a self,
+        message: Incoming<'a>,
+        released: i32,
+    ) -> Query<'a> {
+        self.move_key_query(message, released)
     }
 
-    pub(crate) fn move_key_query<'a>(&'a self, message: Incoming<'a>) -> Option<Query<'a>> {
-        let (key, seq) = message.key?;
-        Some(
-            diesel::sql_query(format!(
-                "UPDATE {t} SET last_seq = GREATEST(last_seq, $3), updated_at = now()
-                 WHERE consumer = $1 AND ordering_key = $2",
-                t = self.keys_table
-            ))
-            .into_boxed()
-            .bind::<Text, _>(self.consumer.as_str())
-            .bind::<Text, _>(key)
-            .bind::<BigInt, _>(seq),
-        )
+    /// Moves the key to the message's sequence (never back), less
+    /// `released` held messages, returning how many stay held. For an
+    /// unordered message, a `SELECT` of NULL.
+    pub(crate) fn move_key_query<'a>(&'a self, message: Incoming<'a>, released: i32) -> Query<'a> {
+        let Some((key, seq)) = message.key else {
+            return diesel::sql_query("SELECT NULL::integer AS held").into_boxed();
+        };
+        diesel::sql_query(format!(
+            "UPDATE {t} SET last_seq = GREATEST(last_seq, $3), updated_at = now(), held = held - $4
+             WHERE consumer = $1 AND ordering_key = $2
+             RETURNING held",
+            t = self.keys_table
+        ))
+        .into_boxed()
+        .bind::<Text, _>(self.consumer.as_str())
+        .bind::<Text, _>(key)
+        .bind::<BigInt, _>(seq)
+        .bind::<Integer, _>(released)
     }
 }
 

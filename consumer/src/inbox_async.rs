@@ -1,14 +1,16 @@
 //! The inbox transaction on diesel-async's `AsyncPgConnection` (feature
 //! `async`): the same statements and decisions as the sync path in
-//! [`inbox`](crate::inbox), awaited instead of blocking.
+//! [`inbox`](crate::inbox) and [`held`](crate::held), awaited instead of
+//! blocking. Settling (no handler) always takes the sync path.
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 use crate::handler::{BoxFuture, HandlerResult};
 use crate::inbox::{
-    Abort, Applied, Check, HandlerError, Inbox, Incoming, Recorded, Settled, finish, out_of_turn,
+    Abort, Applied, Check, HandlerError, HeldCount, Inbox, Incoming, Outcome, Recorded, Takeover,
+    finish, held_behind, out_of_turn,
 };
-use crate::{AheadPolicy, Error, Result};
+use crate::{Error, Result};
 
 /// A handler call on the async connection.
 pub(crate) type AsyncCall =
@@ -25,41 +27,30 @@ pub(crate) async fn connect(url: &str) -> Result<AsyncPgConnection> {
         })
 }
 
+/// Whether a handler's transaction ended in a discard, which is recorded
+/// afterwards on the sync path.
+pub(crate) enum AsyncOutcome {
+    Done(Outcome),
+    Discarded(String),
+}
+
 impl Inbox {
-    /// [`Inbox::apply`] on an `AsyncPgConnection`.
-    pub(crate) async fn apply_async(
-        &self,
-        conn: &mut AsyncPgConnection,
-        message: Incoming<'_>,
-        ahead: AheadPolicy,
-        handler: AsyncCall,
-    ) -> Result<Applied> {
-        self.run_async(conn, message, Check::Order(ahead), handler)
-            .await
-    }
-
-    /// [`Inbox::apply_unordered`] on an `AsyncPgConnection`.
-    pub(crate) async fn apply_unordered_async(
-        &self,
-        conn: &mut AsyncPgConnection,
-        message: Incoming<'_>,
-        handler: AsyncCall,
-    ) -> Result<Applied> {
-        self.run_async(conn, message, Check::None, handler).await
-    }
-
-    async fn run_async(
+    /// [`Inbox::run`] on an `AsyncPgConnection`.
+    pub(crate) async fn run_async(
         &self,
         conn: &mut AsyncPgConnection,
         message: Incoming<'_>,
         check: Check,
         handler: AsyncCall,
-    ) -> Result<Applied> {
+    ) -> Result<AsyncOutcome> {
         let result = conn
-            .transaction::<Applied, Abort, _>(async move |conn| {
-                let revive = matches!(check, Check::None);
+            .transaction::<Outcome, Abort, _>(async move |conn| {
+                let takeover = match check {
+                    Check::None => Takeover::DeadLettered,
+                    Check::Order(_) => Takeover::Nothing,
+                };
                 let Some(last) = self
-                    .record_query(message, "applied", revive)
+                    .record_query(message, "applied", takeover)
                     .load::<Recorded>(conn)
                     .await?
                     .pop()
@@ -69,49 +60,78 @@ impl Inbox {
                 if let Some(outcome) = out_of_turn(last.last_seq, message, check) {
                     return Err(Abort::Outcome(outcome));
                 }
-                match handler(conn).await {
-                    Ok(()) => {
-                        self.after_handler_query(message).execute(conn).await?;
-                        Ok(Applied::Applied)
-                    }
-                    Err(HandlerError::Retry { after, reason }) => {
-                        Err(Abort::Outcome(Applied::Retry { after, reason }))
-                    }
-                    Err(HandlerError::Discard(reason)) => Err(Abort::Discard(reason)),
-                }
+                run_handler(self, conn, message, 0, handler).await
             })
             .await;
-        if let Err(Abort::Discard(reason)) = result {
-            self.settle_async(conn, message, Settled::Discarded).await?;
-            return Ok(Applied::Discarded(reason));
-        }
-        finish(result)
+        discard_or(result)
     }
 
-    /// [`Inbox::settle`] on an `AsyncPgConnection`.
-    pub(crate) async fn settle_async(
+    /// [`Inbox::apply_held`] on an `AsyncPgConnection`.
+    pub(crate) async fn apply_held_async(
         &self,
         conn: &mut AsyncPgConnection,
         message: Incoming<'_>,
-        outcome: Settled,
-    ) -> Result<bool> {
-        conn.transaction::<bool, diesel::result::Error, _>(async move |conn| {
-            let recorded: Vec<Recorded> = self
-                .record_query(message, outcome.as_str(), false)
-                .load(conn)
+        check: Check,
+        handler: AsyncCall,
+    ) -> Result<AsyncOutcome> {
+        let Some((key, _)) = message.key else {
+            return Err(Error::Handler("a held message has no key".into()));
+        };
+        let result = conn
+            .transaction::<Outcome, Abort, _>(async move |conn| {
+                let last = self
+                    .lock_key_query(key)
+                    .get_result::<crate::held::KeyPosition>(conn)
+                    .await?
+                    .last_seq;
+                if self
+                    .release_query(message.message_id, "applied")
+                    .load::<crate::held::Count>(conn)
+                    .await?
+                    .is_empty()
+                {
+                    return Err(Abort::Outcome(Applied::Duplicate));
+                }
+                if let Some(outcome) = out_of_turn(Some(last), message, check) {
+                    return Err(Abort::Outcome(outcome));
+                }
+                run_handler(self, conn, message, 1, handler).await
+            })
+            .await;
+        discard_or(result)
+    }
+}
+
+/// Runs the handler and, when it succeeds, the key's move (less `released`
+/// held messages).
+async fn run_handler(
+    inbox: &Inbox,
+    conn: &mut AsyncPgConnection,
+    message: Incoming<'_>,
+    released: i32,
+    handler: AsyncCall,
+) -> std::result::Result<Outcome, Abort> {
+    match handler(conn).await {
+        Ok(()) => {
+            let held = inbox
+                .after_handler_query(message, released)
+                .load::<HeldCount>(conn)
                 .await?;
-            if recorded.is_empty() {
-                return Ok(false);
-            }
-            if let Some(q) = self.move_key_query(message) {
-                q.execute(conn).await?;
-            }
-            Ok(true)
-        })
-        .await
-        .map_err(|cause| Error::Database {
-            operation: "recording a settled message",
-            cause,
-        })
+            Ok(Outcome {
+                applied: Applied::Applied,
+                held_behind: held_behind(&held),
+            })
+        }
+        Err(HandlerError::Retry { after, reason }) => {
+            Err(Abort::Outcome(Applied::Retry { after, reason }))
+        }
+        Err(HandlerError::Discard(reason)) => Err(Abort::Discard(reason)),
+    }
+}
+
+fn discard_or(result: std::result::Result<Outcome, Abort>) -> Result<AsyncOutcome> {
+    match result {
+        Err(Abort::Discard(reason)) => Ok(AsyncOutcome::Discarded(reason)),
+        other => finish(other).map(AsyncOutcome::Done),
     }
 }

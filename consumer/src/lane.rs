@@ -1,17 +1,22 @@
-//! A lane runs one delivery at a time: reads it, finds its handler, applies
-//! it through the inbox on the lane's own database connection, then acks,
-//! holds, retries or dead-letters it. The session decides which delivery a
-//! lane gets next (one per key at a time).
+//! A lane runs the messages the session hands it: reads each, finds its
+//! handler, applies it through the inbox on the lane's own database
+//! connection, then acks, retries, holds or dead-letters it. The session
+//! decides which message a lane gets next (one per key at a time).
+//!
+//! A message is an [`Item`]: a delivery from a queue, or a message that
+//! waited in `inbox_held` and whose turn has come. The two differ only in
+//! how they are settled (a delivery is acked; a held one is taken out of
+//! the table in its apply transaction).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::{Connection, PgConnection};
-use lapin::Acker;
-use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
+use lapin::{Acker, BasicProperties, Channel};
 use tokio::sync::mpsc;
+use uuid::Uuid;
 
 use crate::batch::{self, BatchCall};
 use crate::config::{GapPolicy, LatePolicy, UnknownPolicy};
@@ -19,44 +24,150 @@ use crate::consumer::Shared;
 use crate::dead_letter::{self, DeadLetter};
 use crate::envelope::{self, Malformed, Meta};
 use crate::handler::{Call, Erased};
-use crate::inbox::{AheadPolicy, Applied, Incoming, Settled};
-use crate::schedule::{Finish, Mode, Sequenced};
+use crate::held::{self, HeldRow, Hold, ToHold};
+use crate::inbox::{AheadPolicy, Applied, Check, Incoming, Outcome, Settled};
+use crate::schedule::{Finish, Sequenced};
 use crate::stats::Counters;
 use crate::{Error, Result};
 
-/// A delivery waiting in, or running from, the session's scheduler.
+/// Where a message came from, which decides how it is settled.
+pub(crate) enum Source {
+    /// A delivery from the session's subscription `queue`: acked once
+    /// settled (after its transaction commits).
+    Delivery { acker: Acker, queue: usize },
+    /// A message kept in `inbox_held`: its transaction takes it out of the
+    /// table; nothing to ack.
+    Held { key: String, seq: i64 },
+}
+
+/// A message waiting in, or running from, the session's scheduler.
 pub(crate) struct Item {
-    pub(crate) delivery: Delivery,
+    pub(crate) source: Source,
+    /// The exchange and routing key it was published with (a replay's
+    /// original ones are in its meta).
+    exchange: String,
+    routing_key: String,
+    properties: BasicProperties,
+    body: Vec<u8>,
     meta: std::result::Result<Meta, Malformed>,
     key: String,
     seq: i64,
     /// Handler runs that failed so far.
     attempts: u32,
+    /// A held message whose key has not moved for the gap wait.
+    gap_expired: bool,
 }
 
 impl Item {
-    pub(crate) fn new(delivery: Delivery) -> Self {
+    /// A delivery from the session's subscription `queue`.
+    pub(crate) fn delivery(delivery: Delivery, queue: usize) -> Self {
         let meta = envelope::read(
             delivery.exchange.as_str(),
             delivery.routing_key.as_str(),
             delivery.redelivered,
             &delivery.properties,
         );
-        // Unordered (or unreadable) deliveries get a key of their own, so
-        // they run side by side; the prefix keeps them apart from real keys.
+        Item::new(
+            Source::Delivery {
+                acker: delivery.acker,
+                queue,
+            },
+            delivery.exchange.to_string(),
+            delivery.routing_key.to_string(),
+            delivery.properties,
+            delivery.data,
+            meta,
+            // A delivery that cannot be read runs on a key of its own.
+            format!("d:{}:{}", queue, delivery.delivery_tag),
+        )
+    }
+
+    /// A held message loaded from `inbox_held`.
+    pub(crate) fn held(row: HeldRow) -> Self {
+        let (properties, meta) = match held::decode_properties(&row.properties) {
+            Ok(properties) => {
+                let meta = envelope::read(&row.exchange, &row.routing_key, true, &properties);
+                (properties, meta)
+            }
+            Err(reason) => (
+                BasicProperties::default().with_message_id(row.message_id.to_string().into()),
+                Err(Malformed::new(Some(row.message_id), reason)),
+            ),
+        };
+        let mut item = Item::new(
+            Source::Held {
+                key: row.ordering_key.clone(),
+                seq: row.key_seq,
+            },
+            row.exchange,
+            row.routing_key,
+            properties,
+            row.body,
+            meta,
+            format!("k:{}", row.ordering_key),
+        );
+        item.seq = row.key_seq;
+        item.gap_expired = row.gap_expired;
+        item
+    }
+
+    fn new(
+        source: Source,
+        exchange: String,
+        routing_key: String,
+        properties: BasicProperties,
+        body: Vec<u8>,
+        meta: std::result::Result<Meta, Malformed>,
+        unreadable_key: String,
+    ) -> Self {
+        // Unordered messages get a key of their own, so they run side by
+        // side; the prefixes keep these apart from real keys.
         let (key, seq) = match &meta {
             Ok(m) => match m.key() {
                 Some((k, s)) => (format!("k:{k}"), s),
                 None => (format!("m:{}", m.message_id), 0),
             },
-            Err(_) => (format!("d:{}", delivery.delivery_tag), 0),
+            Err(_) => (unreadable_key, 0),
         };
         Item {
-            delivery,
+            source,
+            exchange,
+            routing_key,
+            properties,
+            body,
             meta,
             key,
             seq,
             attempts: 0,
+            gap_expired: false,
+        }
+    }
+
+    /// The id of a held message (for the session's list of those it has).
+    pub(crate) fn held_id(&self) -> Option<Uuid> {
+        match (&self.source, &self.meta) {
+            (Source::Held { .. }, Ok(meta)) => Some(meta.message_id),
+            (Source::Held { .. }, Err(bad)) => bad.message_id,
+            _ => None,
+        }
+    }
+
+    /// The message as the inbox sees it, with `after` for ordered ones.
+    fn incoming(&self, after: Option<i64>) -> Option<Incoming<'_>> {
+        match (&self.meta, &self.source) {
+            (Ok(meta), _) => Some(Incoming {
+                message_id: meta.message_id,
+                key: meta.key(),
+                after,
+            }),
+            // A held message whose properties did not decode: the table
+            // row still says what it is.
+            (Err(bad), Source::Held { key, seq }) => Some(Incoming {
+                message_id: bad.message_id?,
+                key: Some((key.as_str(), *seq)),
+                after: None,
+            }),
+            (Err(bad), Source::Delivery { .. }) => Some(Incoming::unordered(bad.message_id?)),
         }
     }
 }
@@ -70,25 +181,135 @@ impl Sequenced for Item {
     }
 }
 
-/// A finished batch, back to the session: how each delivery's run ended.
-pub(crate) struct Done {
-    pub(crate) lane: usize,
-    pub(crate) finished: Vec<(String, Finish<Item>)>,
+/// How one message's run ended, back to the session.
+pub(crate) struct Finished {
+    pub(crate) key: String,
+    pub(crate) finish: Finish<Item>,
+    /// The subscription the message came from, if it was a delivery.
+    pub(crate) queue: Option<usize>,
+    /// The id of a held message (settled, or left in the table).
+    pub(crate) held: Option<Uuid>,
 }
 
-/// A delivery whose handler call is prepared, waiting for the inbox.
+impl Finished {
+    /// Labels `finish` with what the session tracks of `item`.
+    fn of(item: &Item) -> impl FnOnce(Finish<Item>) -> Finished + use<> {
+        let key = item.key.clone();
+        let queue = match &item.source {
+            Source::Delivery { queue, .. } => Some(*queue),
+            Source::Held { .. } => None,
+        };
+        let held = item.held_id();
+        move |finish| Finished {
+            key,
+            finish,
+            queue,
+            held,
+        }
+    }
+}
+
+/// A finished batch, back to the session.
+pub(crate) struct Done {
+    pub(crate) lane: usize,
+    pub(crate) finished: Vec<Finished>,
+    /// Held messages whose turn came while the batch ran: to schedule.
+    pub(crate) released: Vec<Item>,
+}
+
+/// How the inbox is asked to order a message.
+#[derive(Debug, Clone, Copy)]
+enum Order {
+    Checked(AheadPolicy),
+    Unordered,
+}
+
+impl Order {
+    fn check(self) -> Check {
+        match self {
+            Order::Checked(ahead) => Check::Order(ahead),
+            Order::Unordered => Check::None,
+        }
+    }
+}
+
+/// A message whose handler call is prepared, on its way through the inbox.
 struct Ready {
     item: Item,
-    mode: Mode,
     meta: Meta,
+    /// The key position it follows, for this consumer's bindings.
+    after: Option<i64>,
     handler: Arc<dyn Erased>,
-    call: Call,
+    call: Option<Call>,
     order: Order,
     span: tracing::Span,
 }
 
-/// What preparing a delivery came to.
-// Both variants hold a delivery; boxing one would only add an allocation.
+impl Ready {
+    fn is_held(&self) -> bool {
+        matches!(self.item.source, Source::Held { .. })
+    }
+
+    /// A sync handler call with what the inbox needs to run it; the call
+    /// is spent by it.
+    fn inbox_call(&mut self) -> Result<InboxCall> {
+        let call = match self.call.take() {
+            Some(call) => call,
+            // Spent on a run that rolled back: deserialize again.
+            None => self
+                .handler
+                .prepare(&self.meta, &self.item.body)
+                .map_err(Error::Handler)?,
+        };
+        match call {
+            Call::Sync(f) => Ok(InboxCall {
+                f,
+                message_id: self.meta.message_id,
+                key: self.meta.key().map(|(k, s)| (k.to_owned(), s)),
+                after: self.after,
+                check: self.order.check(),
+                held: self.is_held(),
+                span: self.span.clone(),
+            }),
+            #[cfg(feature = "async")]
+            Call::Async(_) => Err(Error::Handler(
+                "an async handler's call on the sync path".to_owned(),
+            )),
+        }
+    }
+}
+
+/// A sync handler call with what the inbox needs, movable to the blocking
+/// thread; the same whether it runs alone or in a batch's transaction.
+struct InboxCall {
+    f: Box<dyn FnOnce(&mut PgConnection) -> crate::handler::HandlerResult + Send>,
+    message_id: Uuid,
+    key: Option<(String, i64)>,
+    after: Option<i64>,
+    check: Check,
+    held: bool,
+    span: tracing::Span,
+}
+
+impl InboxCall {
+    /// The inbox transaction (a savepoint when `conn` is in one already).
+    fn run(self, inbox: &crate::inbox::Inbox, conn: &mut PgConnection) -> Result<Outcome> {
+        let _entered = self.span.enter();
+        let incoming = Incoming {
+            message_id: self.message_id,
+            key: self.key.as_ref().map(|(k, s)| (k.as_str(), *s)),
+            after: self.after,
+        };
+        if self.held {
+            inbox.apply_held(conn, incoming, self.check, self.f)
+        } else {
+            inbox.run(conn, incoming, self.check, self.f)
+        }
+    }
+}
+
+/// What preparing a message came to.
+// Both variants hold a message; boxing one would only add an allocation.
 #[allow(clippy::large_enum_variant)]
 enum Prepared {
     Ready(Ready),
@@ -96,16 +317,7 @@ enum Prepared {
     Finished(Finish<Item>),
 }
 
-/// A prepared delivery after its inbox transaction, to conclude.
-struct Ran {
-    item: Item,
-    mode: Mode,
-    meta: Meta,
-    handler: Arc<dyn Erased>,
-    span: tracing::Span,
-}
-
-/// One lane: its database connection and the session's dead-letter channel.
+/// One lane: its database connections and the session's dead-letter channel.
 pub(crate) struct Lane {
     pub(crate) index: usize,
     pub(crate) shared: Arc<Shared>,
@@ -117,53 +329,8 @@ pub(crate) struct Lane {
     db_failures: u32,
     /// Acks of the batch under way, sent when it is done.
     acks: Vec<Acker>,
-}
-
-/// A sync handler call with what the inbox needs to run it; the same
-/// whether it runs alone or in a batch's transaction.
-struct InboxCall {
-    f: Box<dyn FnOnce(&mut PgConnection) -> crate::handler::HandlerResult + Send>,
-    message_id: uuid::Uuid,
-    key: Option<(String, i64)>,
-    order: Order,
-    span: tracing::Span,
-}
-
-impl InboxCall {
-    fn new(
-        f: Box<dyn FnOnce(&mut PgConnection) -> crate::handler::HandlerResult + Send>,
-        meta: &Meta,
-        order: Order,
-        span: tracing::Span,
-    ) -> Self {
-        InboxCall {
-            f,
-            message_id: meta.message_id,
-            key: meta.key().map(|(k, s)| (k.to_owned(), s)),
-            order,
-            span,
-        }
-    }
-
-    /// The inbox transaction (a savepoint when `conn` is in one already).
-    fn run(self, inbox: &crate::inbox::Inbox, conn: &mut PgConnection) -> Result<Applied> {
-        let _entered = self.span.enter();
-        let incoming = Incoming {
-            message_id: self.message_id,
-            key: self.key.as_ref().map(|(k, s)| (k.as_str(), *s)),
-        };
-        match self.order {
-            Order::Checked(ahead) => inbox.apply(conn, incoming, ahead, self.f),
-            Order::Unordered => inbox.apply_unordered(conn, incoming, self.f),
-        }
-    }
-}
-
-/// How the inbox is asked to order a message.
-#[derive(Debug, Clone, Copy)]
-enum Order {
-    Checked(AheadPolicy),
-    Unordered,
+    /// Keys this batch moved that have held messages behind them.
+    woken: Vec<String>,
 }
 
 impl Lane {
@@ -177,24 +344,27 @@ impl Lane {
             async_conn: None,
             db_failures: 0,
             acks: Vec::new(),
+            woken: Vec::new(),
         }
     }
 
-    /// Runs batches until the session drops its sender. The deliveries of a
-    /// batch have different keys; their sync handlers share one transaction
-    /// (each in its own savepoint), so a backlog costs one commit per batch,
-    /// not per message. Nothing is acked before that commit.
+    /// Runs batches until the session drops its sender. The messages of a
+    /// batch have different keys; their sync handlers share one
+    /// transaction, so a backlog costs one commit per batch, not per
+    /// message. Nothing is acked before that commit.
     pub(crate) async fn run(
         mut self,
-        mut jobs: mpsc::Receiver<Vec<(Item, Mode)>>,
+        mut jobs: mpsc::Receiver<Vec<Item>>,
         done: mpsc::UnboundedSender<Done>,
     ) -> Self {
         while let Some(batch) = jobs.recv().await {
             let finished = self.process(batch).await;
+            let released = self.release_held().await;
             if done
                 .send(Done {
                     lane: self.index,
                     finished,
+                    released,
                 })
                 .is_err()
             {
@@ -204,70 +374,57 @@ impl Lane {
         self
     }
 
-    async fn process(&mut self, batch: Vec<(Item, Mode)>) -> Vec<(String, Finish<Item>)> {
-        let mut finished = Vec::with_capacity(batch.len());
+    async fn process(&mut self, batch: Vec<Item>) -> Vec<Finished> {
+        let mut finished: Vec<Finished> = Vec::with_capacity(batch.len());
         let mut together = Vec::new();
-        for (item, mode) in batch {
-            let key = item.key.clone();
-            match self.prepare(item, mode).await {
-                Prepared::Finished(finish) => finished.push((key, finish)),
-                Prepared::Ready(ready) => together.push(ready),
+        let mut alone = Vec::new();
+        for item in batch {
+            let label = Finished::of(&item);
+            match self.prepare(item).await {
+                Prepared::Finished(finish) => finished.push(label(finish)),
+                // Live deliveries with sync handlers share a transaction;
+                // async handlers and held messages run alone.
+                Prepared::Ready(ready)
+                    if !ready.is_held() && matches!(ready.call, Some(Call::Sync(_))) =>
+                {
+                    together.push(ready);
+                }
+                Prepared::Ready(ready) => alone.push(ready),
             }
         }
-        // Async handlers, and a lone delivery, take the one-message path.
-        let (shared_txn, alone): (Vec<Ready>, Vec<Ready>) = together
-            .into_iter()
-            .partition(|r| matches!(r.call, Call::Sync(_)));
-        let (shared_txn, mut alone) = if shared_txn.len() == 1 {
-            (Vec::new(), shared_txn.into_iter().chain(alone).collect())
-        } else {
-            (shared_txn, alone)
-        };
-        if !shared_txn.is_empty() {
-            match self.apply_together(shared_txn).await {
-                (ran, Ok(results)) => {
-                    for (ran, applied) in ran.into_iter().zip(results) {
-                        let key = ran.item.key.clone();
-                        finished.push((key, self.conclude(ran, applied).await));
+        if together.len() == 1 {
+            alone.append(&mut together);
+        }
+        if !together.is_empty() {
+            let (ran, results) = self.apply_together(together).await;
+            match results {
+                Ok(results) => {
+                    for (ready, result) in ran.into_iter().zip(results) {
+                        let label = Finished::of(&ready.item);
+                        finished.push(label(self.conclude(ready, result).await));
                     }
                 }
                 // The commit failed: nothing of the batch was applied.
-                (ran, Err(e)) => {
-                    for ran in ran {
-                        let key = ran.item.key.clone();
-                        finished.push((key, self.failed_for_now(ran.item, &e)));
+                Err(e) => {
+                    for ready in ran {
+                        let label = Finished::of(&ready.item);
+                        finished.push(label(self.failed_for_now(ready.item, &e)));
                     }
                 }
             }
         }
-        for ready in alone.drain(..) {
-            let key = ready.item.key.clone();
-            let Ready {
-                item,
-                mode,
-                meta,
-                handler,
-                call,
-                order,
-                span,
-            } = ready;
-            let applied = self.apply(call, &meta, order, span.clone()).await;
-            let ran = Ran {
-                item,
-                mode,
-                meta,
-                handler,
-                span,
-            };
-            finished.push((key, self.conclude(ran, applied).await));
+        for mut ready in alone {
+            let label = Finished::of(&ready.item);
+            let result = self.apply(&mut ready).await;
+            finished.push(label(self.conclude(ready, result).await));
         }
         flush_acks(std::mem::take(&mut self.acks)).await;
         finished
     }
 
-    /// Reads a delivery and prepares its handler call; settles at once what
+    /// Reads a message and prepares its handler call; settles at once what
     /// needs no inbox transaction (malformed, unknown, undeserializable).
-    async fn prepare(&mut self, item: Item, mode: Mode) -> Prepared {
+    async fn prepare(&mut self, item: Item) -> Prepared {
         let mut meta = match &item.meta {
             Ok(meta) => meta.clone(),
             Err(bad) => {
@@ -286,17 +443,10 @@ impl Lane {
             attempt = meta.attempt,
         );
         crate::trace::set_parent(&span, &meta);
-        let Some(handler) = self
-            .shared
-            .routes
-            .find(&meta.exchange, &meta.routing_key)
-            .cloned()
-        else {
+        let routes = &self.shared.routes;
+        let Some(handler) = routes.find(&meta.exchange, &meta.routing_key).cloned() else {
             return Prepared::Finished(match self.shared.config.unknown {
-                UnknownPolicy::Ignore => {
-                    self.settle(item, Settled::Ignored, &CounterRef::Ignored)
-                        .await
-                }
+                UnknownPolicy::Ignore => self.settle(item, Settled::Ignored).await,
                 UnknownPolicy::DeadLetter => {
                     let reason = format!(
                         "no handler for exchange {:?} routing key {:?}",
@@ -306,83 +456,94 @@ impl Lane {
                 }
             });
         };
+        // What this consumer must have applied first: the latest earlier
+        // event of the key on a route it binds.
+        let after = meta
+            .key_prev
+            .as_ref()
+            .map(|prev| prev.predecessor(|x, r| routes.find(x, r).is_some()));
         let order = if meta.replayed {
             Order::Unordered
-        } else if mode == Mode::GapExpired && self.shared.config.after_gap == GapPolicy::Apply {
+        } else if item.gap_expired && self.shared.config.after_gap == GapPolicy::Apply {
             Order::Checked(AheadPolicy::Apply)
         } else {
             Order::Checked(AheadPolicy::Hold)
         };
-        match handler.prepare(&meta, &item.delivery.data) {
+        match handler.prepare(&meta, &item.body) {
             Err(reason) => Prepared::Finished(self.dead_letter(item, reason).await),
             Ok(call) => Prepared::Ready(Ready {
                 item,
-                mode,
                 meta,
+                after,
                 handler,
-                call,
+                call: Some(call),
                 order,
                 span,
             }),
         }
     }
 
-    /// Acts on a delivery's inbox outcome: ack, hold, retry or dead-letter.
-    async fn conclude(&mut self, ran: Ran, applied: Result<Applied>) -> Finish<Item> {
-        let Ran {
-            mut item,
-            mode,
-            meta,
-            handler,
-            span,
-        } = ran;
-        let applied = match applied {
-            Ok(Applied::Late { last }) if self.shared.config.late == LatePolicy::Apply => {
+    /// Acts on a message's inbox outcome: ack, hold, retry or dead-letter.
+    async fn conclude(&mut self, mut ready: Ready, result: Result<Outcome>) -> Finish<Item> {
+        let result = match result {
+            Ok(Outcome {
+                applied: Applied::Late { last },
+                ..
+            }) if self.shared.config.late == LatePolicy::Apply => {
                 Counters::add(&self.shared.counters.late);
-                match handler.prepare(&meta, &item.delivery.data) {
-                    Err(reason) => return self.dead_letter(item, reason).await,
-                    Ok(call) => {
-                        tracing::warn!(parent: &span, last, "late message applied out of order");
-                        self.apply(call, &meta, Order::Unordered, span.clone())
-                            .await
-                    }
-                }
+                tracing::warn!(parent: &ready.span, last, "late message applied out of order");
+                ready.order = Order::Unordered;
+                self.apply(&mut ready).await
             }
             other => other,
         };
-        tracing::debug!(parent: &span, outcome = ?applied, "inbox outcome");
+        tracing::debug!(parent: &ready.span, outcome = ?result, "inbox outcome");
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(e) => return self.failed_for_now(ready.item, &e),
+        };
+        if outcome.held_behind {
+            self.woken.push(ready.item.key.clone());
+        }
         let counters = &self.shared.counters;
-        match applied {
-            Ok(Applied::Applied) => {
+        let span = ready.span.clone();
+        let item = ready.item;
+        match outcome.applied {
+            Applied::Applied => {
                 self.db_failures = 0;
                 Counters::add(&counters.applied);
-                self.acks.push(item.delivery.acker.clone());
+                self.ack(&item);
                 Finish::Done
             }
-            Ok(Applied::Duplicate) => {
+            Applied::Duplicate => {
                 Counters::add(&counters.duplicates);
-                self.acks.push(item.delivery.acker.clone());
+                self.ack(&item);
                 Finish::Done
             }
-            Ok(Applied::Discarded(reason)) => {
+            Applied::Discarded(reason) => {
                 tracing::info!(parent: &span, %reason, "handler discarded the message");
                 Counters::add(&counters.discarded);
-                self.acks.push(item.delivery.acker.clone());
+                self.ack(&item);
                 Finish::Done
             }
-            Ok(Applied::Held { last }) => {
-                if mode == Mode::GapExpired {
-                    // after_gap = dead-letter: the gap did not fill in time.
+            Applied::Held { last } => match item.source {
+                Source::Delivery { .. } => {
+                    let after = ready.after;
+                    self.hold(item, after).await
+                }
+                // The gap did not fill in time and the policy says so.
+                Source::Held { .. } if item.gap_expired => {
                     let reason = format!(
-                        "key_seq {} still ahead of the key's position {last} after the gap wait of {:?}",
+                        "key_seq {} still waits for an earlier event (the key is at {last}) after \
+                         the key did not move for the gap wait of {:?}",
                         item.seq, self.shared.config.gap_wait
                     );
-                    return self.dead_letter(item, reason).await;
+                    self.dead_letter(item, reason).await
                 }
-                Counters::add(&counters.held);
-                Finish::Held(item)
-            }
-            Ok(Applied::Late { last }) => {
+                // Still waiting; it stays in the table.
+                Source::Held { .. } => Finish::Done,
+            },
+            Applied::Late { last } => {
                 Counters::add(&counters.late);
                 let reason = format!(
                     "late: key_seq {} is at or behind the key's position {last}, and was never applied",
@@ -390,8 +551,9 @@ impl Lane {
                 );
                 self.dead_letter(item, reason).await
             }
-            Ok(Applied::Retry { after, reason }) => {
+            Applied::Retry { after, reason } => {
                 Counters::add(&counters.retried);
+                let mut item = item;
                 item.attempts += 1;
                 let retry = &self.shared.config.retry;
                 if retry.exhausted(item.attempts) {
@@ -402,53 +564,123 @@ impl Lane {
                 tracing::info!(parent: &span, %reason, ?delay, "handler asked to retry");
                 Finish::RetryAt(item, Instant::now() + delay)
             }
+        }
+    }
+
+    /// Keeps a delivery that is ahead of its key in `inbox_held`, then
+    /// acks it.
+    async fn hold(&mut self, item: Item, after: Option<i64>) -> Finish<Item> {
+        let (Ok(meta), Source::Delivery { .. }) = (&item.meta, &item.source) else {
+            return Finish::Done;
+        };
+        let properties = match held::encode_properties(&item.properties) {
+            Ok(p) => p,
+            Err(e) => return self.failed_for_now(item, &e),
+        };
+        let inbox = self.shared.inbox.clone();
+        let (message_id, key, exchange, routing_key, body) = (
+            meta.message_id,
+            meta.key().map(|(k, s)| (k.to_owned(), s)),
+            item.exchange.clone(),
+            item.routing_key.clone(),
+            item.body.clone(),
+        );
+        let held = self
+            .with_conn(move |conn| {
+                let incoming = Incoming {
+                    message_id,
+                    key: key.as_ref().map(|(k, s)| (k.as_str(), *s)),
+                    after,
+                };
+                inbox.hold(
+                    conn,
+                    incoming,
+                    &ToHold {
+                        exchange: &exchange,
+                        routing_key: &routing_key,
+                        properties: &properties,
+                        body: &body,
+                    },
+                )
+            })
+            .await;
+        match held {
+            Ok(Hold::Held) => {
+                Counters::add(&self.shared.counters.held);
+                self.ack(&item);
+                Finish::Done
+            }
+            Ok(Hold::Duplicate) => {
+                Counters::add(&self.shared.counters.duplicates);
+                self.ack(&item);
+                Finish::Done
+            }
+            // Its predecessor was applied meanwhile: run it again now.
+            Ok(Hold::NotAhead) => Finish::RetryAt(item, Instant::now()),
             Err(e) => self.failed_for_now(item, &e),
         }
     }
 
-    /// Applies several deliveries (different keys, sync handlers) in one
-    /// transaction. First the fast way, every message in one pass
+    /// Loads the held messages of the keys this batch moved whose turn has
+    /// come, for the session to schedule.
+    async fn release_held(&mut self) -> Vec<Item> {
+        let keys: Vec<String> = std::mem::take(&mut self.woken)
+            .into_iter()
+            .filter_map(|k| k.strip_prefix("k:").map(str::to_owned))
+            .collect();
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        let inbox = self.shared.inbox.clone();
+        let loaded = self
+            .with_conn(move |conn| {
+                let mut rows = Vec::new();
+                for key in &keys {
+                    rows.extend(inbox.runnable_held(conn, key, 16)?);
+                }
+                Ok(rows)
+            })
+            .await;
+        match loaded {
+            Ok(rows) => rows.into_iter().map(Item::held).collect(),
+            // The sweep finds them instead.
+            Err(e) => {
+                tracing::warn!(consumer = %self.shared.config.name, error = %e, "cannot read held messages; the sweep will");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Applies several live deliveries (different keys, sync handlers) in
+    /// one transaction. First the fast way, every message in one pass
     /// ([`batch::apply_batch`]); if one of them needs undoing on its own,
-    /// again with each message in its own savepoint, so a handler's retry
-    /// or discard touches only its own message. If the commit fails, every
-    /// one of them failed.
+    /// again with each message in its own savepoint, so a handler's retry,
+    /// discard or hold touches only its own message. If the commit fails,
+    /// every one of them failed.
     async fn apply_together(
         &mut self,
         mut batch: Vec<Ready>,
-    ) -> (Vec<Ran>, Result<Vec<Result<Applied>>>) {
+    ) -> (Vec<Ready>, Result<Vec<Result<Outcome>>>) {
         // Both ways lock the keys in one order, byte order of the key (the
         // one-pass statement sorts with collation "C"): two transactions
         // over overlapping keys, as two instances during a hand-over may
         // run, then cannot deadlock.
         batch.sort_by(|a, b| a.item.key.cmp(&b.item.key));
-        let mut ran = Vec::with_capacity(batch.len());
         let mut calls = Vec::with_capacity(batch.len());
-        for r in batch {
-            #[allow(irrefutable_let_patterns)] // only one variant without `async`
-            let Call::Sync(f) = r.call else {
-                unreachable!("only sync calls share a transaction")
-            };
-            calls.push(InboxCall::new(f, &r.meta, r.order, r.span.clone()));
-            ran.push(Ran {
-                item: r.item,
-                mode: r.mode,
-                meta: r.meta,
-                handler: r.handler,
-                span: r.span,
-            });
+        for ready in &mut batch {
+            match ready.inbox_call() {
+                Ok(call) => calls.push(call),
+                Err(e) => return (batch, Err(e)),
+            }
         }
-        let orders: Vec<Order> = calls.iter().map(|c| c.order).collect();
-        let calls: Vec<Result<InboxCall>> = match self.apply_in_one_pass(calls).await {
-            Ok(Ok(outcomes)) => return (ran, Ok(outcomes.into_iter().map(Ok).collect())),
-            Err(e) => return (ran, Err(e)),
-            // The calls are spent: make them again from the deliveries.
-            Ok(Err(calls)) if calls.is_empty() => ran
-                .iter()
-                .zip(&orders)
-                .map(|(r, order)| prepare_sync(r, *order))
-                .collect(),
-            Ok(Err(calls)) => calls.into_iter().map(Ok).collect(),
-        };
+        match self.apply_in_one_pass(calls).await {
+            Ok(Some(outcomes)) => return (batch, Ok(outcomes.into_iter().map(Ok).collect())),
+            Ok(None) => {}
+            Err(e) => return (batch, Err(e)),
+        }
+        // The calls were spent on the pass that rolled back: again, each
+        // message in its own savepoint.
+        let calls: Vec<Result<InboxCall>> = batch.iter_mut().map(Ready::inbox_call).collect();
         let inbox = self.shared.inbox.clone();
         let results = self
             .with_conn(move |conn| {
@@ -469,95 +701,98 @@ impl Lane {
                 Ok(results)
             })
             .await;
-        (ran, results)
+        (batch, results)
     }
 
     /// The one-pass batch, when every message takes the ordered path.
-    /// `Ok(Err(calls))` hands back calls that never ran (the batch does not
-    /// qualify), or none when they were spent on a pass that rolled back.
-    async fn apply_in_one_pass(
-        &mut self,
-        calls: Vec<InboxCall>,
-    ) -> Result<std::result::Result<Vec<Applied>, Vec<InboxCall>>> {
-        let Some(batch) = calls
-            .iter()
-            .map(|c| match c.order {
-                Order::Checked(ahead) => Some(ahead),
-                Order::Unordered => None,
-            })
-            .collect::<Option<Vec<AheadPolicy>>>()
-        else {
-            return Ok(Err(calls));
-        };
-        let batch: Vec<BatchCall> = calls
-            .into_iter()
-            .zip(batch)
-            .map(|(c, ahead)| BatchCall {
+    /// `Ok(None)`: it does not qualify, or a message needed undoing on its
+    /// own and the pass rolled back.
+    async fn apply_in_one_pass(&mut self, calls: Vec<InboxCall>) -> Result<Option<Vec<Outcome>>> {
+        let mut batch = Vec::with_capacity(calls.len());
+        for c in calls {
+            let Check::Order(ahead) = c.check else {
+                return Ok(None);
+            };
+            batch.push(BatchCall {
                 f: c.f,
                 message_id: c.message_id,
                 key: c.key,
+                after: c.after,
                 ahead,
                 span: c.span,
-            })
-            .collect();
+            });
+        }
         let inbox = self.shared.inbox.clone();
         match self
             .with_conn(move |conn| batch::apply_batch(&inbox, conn, batch))
             .await
         {
-            Ok(outcomes) => Ok(outcomes.ok_or_else(Vec::new)),
+            Ok(outcomes) => Ok(outcomes),
             // Perhaps one handler's statement failed and took the shared
             // transaction with it: the careful path finds out which.
             Err(e @ Error::Database { .. }) => {
                 tracing::debug!(error = %e, "one-pass batch failed; applying it message by message");
-                Ok(Err(Vec::new()))
+                Ok(None)
             }
             Err(e) => Err(e),
         }
     }
 
     /// The inbox transaction with the handler, on the lane's connection.
-    async fn apply(
-        &mut self,
-        call: Call,
-        meta: &Meta,
-        order: Order,
-        span: tracing::Span,
-    ) -> Result<Applied> {
-        match call {
-            Call::Sync(f) => {
-                let inbox = self.shared.inbox.clone();
-                let call = InboxCall::new(f, meta, order, span);
-                self.with_conn(move |conn| call.run(&inbox, conn)).await
+    async fn apply(&mut self, ready: &mut Ready) -> Result<Outcome> {
+        #[cfg(feature = "async")]
+        if let Some(Call::Async(_)) = &ready.call {
+            return self.apply_async(ready).await;
+        }
+        let call = ready.inbox_call()?;
+        let inbox = self.shared.inbox.clone();
+        self.with_conn(move |conn| call.run(&inbox, conn)).await
+    }
+
+    /// [`Lane::apply`] for a diesel-async handler, on the lane's async
+    /// connection (a discard is recorded on the sync one).
+    #[cfg(feature = "async")]
+    async fn apply_async(&mut self, ready: &mut Ready) -> Result<Outcome> {
+        use crate::inbox_async::AsyncOutcome;
+        use tracing::Instrument;
+
+        let Some(Call::Async(f)) = ready.call.take() else {
+            return Err(Error::Handler("an async handler's call was spent".into()));
+        };
+        let incoming = Incoming {
+            message_id: ready.meta.message_id,
+            key: ready.meta.key(),
+            after: ready.after,
+        };
+        let mut conn = match self.async_conn.take() {
+            Some(c) => c,
+            None => crate::inbox_async::connect(&self.shared.config.database_url).await?,
+        };
+        let inbox = self.shared.inbox.clone();
+        let check = ready.order.check();
+        let held = ready.is_held();
+        let result = async {
+            if held {
+                inbox.apply_held_async(&mut conn, incoming, check, f).await
+            } else {
+                inbox.run_async(&mut conn, incoming, check, f).await
             }
-            #[cfg(feature = "async")]
-            Call::Async(f) => {
-                use tracing::Instrument;
-                let incoming = Incoming {
-                    message_id: meta.message_id,
-                    key: meta.key(),
-                };
-                let mut conn = match self.async_conn.take() {
-                    Some(c) => c,
-                    None => crate::inbox_async::connect(&self.shared.config.database_url).await?,
-                };
-                let inbox = self.shared.inbox.clone();
-                let result = async {
-                    match order {
-                        Order::Checked(ahead) => {
-                            inbox.apply_async(&mut conn, incoming, ahead, f).await
-                        }
-                        Order::Unordered => {
-                            inbox.apply_unordered_async(&mut conn, incoming, f).await
-                        }
-                    }
-                }
-                .instrument(span)
-                .await;
-                if !matches!(result, Err(Error::Database { .. })) {
-                    self.async_conn = Some(conn);
-                }
-                result
+        }
+        .instrument(ready.span.clone())
+        .await;
+        if !matches!(result, Err(Error::Database { .. })) {
+            self.async_conn = Some(conn);
+        }
+        match result? {
+            AsyncOutcome::Done(outcome) => Ok(outcome),
+            AsyncOutcome::Discarded(reason) => {
+                let held_behind = self
+                    .record_settled(&ready.item, ready.after, Settled::Discarded)
+                    .await?;
+                Ok(Outcome {
+                    applied: Applied::Discarded(reason),
+                    held_behind,
+                })
             }
         }
     }
@@ -619,36 +854,61 @@ impl Lane {
         Finish::RetryAt(item, Instant::now() + delay)
     }
 
-    /// Records the message as settled without a handler, then acks it.
-    async fn settle(&mut self, item: Item, outcome: Settled, counter: &CounterRef) -> Finish<Item> {
-        let (message_id, key) = match &item.meta {
-            Ok(meta) => (
-                Some(meta.message_id),
-                meta.key().map(|(k, s)| (k.to_owned(), s)),
-            ),
-            Err(bad) => (bad.message_id, None),
-        };
-        if let Some(message_id) = message_id {
-            let inbox = self.shared.inbox.clone();
-            let settled = self
-                .with_conn(move |conn| {
-                    inbox.settle(
-                        conn,
-                        Incoming {
-                            message_id,
-                            key: key.as_ref().map(|(k, s)| (k.as_str(), *s)),
-                        },
-                        outcome,
-                    )
-                })
-                .await;
-            if let Err(e) = settled {
-                return self.failed_for_now(item, &e);
+    /// Records the message as settled without a handler (its key moves past
+    /// it), then acks it.
+    async fn settle(&mut self, item: Item, outcome: Settled) -> Finish<Item> {
+        let after = None;
+        match self.record_settled(&item, after, outcome).await {
+            Ok(held_behind) => {
+                if held_behind {
+                    self.woken.push(item.key.clone());
+                }
+                let counters = &self.shared.counters;
+                match outcome {
+                    Settled::DeadLettered => Counters::add(&counters.dead_lettered),
+                    Settled::Ignored => Counters::add(&counters.ignored),
+                    Settled::Discarded => Counters::add(&counters.discarded),
+                }
+                self.ack(&item);
+                Finish::Done
             }
+            Err(e) => self.failed_for_now(item, &e),
         }
-        counter.add(&self.shared.counters);
-        self.acks.push(item.delivery.acker.clone());
-        Finish::Done
+    }
+
+    /// The settle's transaction: whether messages of the key are held.
+    async fn record_settled(
+        &mut self,
+        item: &Item,
+        after: Option<i64>,
+        outcome: Settled,
+    ) -> Result<bool> {
+        let Some(incoming) = item.incoming(after) else {
+            // No id to record (an unreadable message id): nothing dedupes it.
+            return Ok(false);
+        };
+        let (message_id, key, after) = (
+            incoming.message_id,
+            incoming.key.map(|(k, s)| (k.to_owned(), s)),
+            incoming.after,
+        );
+        let held = matches!(item.source, Source::Held { .. });
+        let inbox = self.shared.inbox.clone();
+        let settled = self
+            .with_conn(move |conn| {
+                let incoming = Incoming {
+                    message_id,
+                    key: key.as_ref().map(|(k, s)| (k.as_str(), *s)),
+                    after,
+                };
+                if held {
+                    inbox.settle_held(conn, incoming, outcome)
+                } else {
+                    inbox.settle_inner(conn, incoming, outcome)
+                }
+            })
+            .await?;
+        Ok(settled == Some(true))
     }
 
     /// Publishes the message to the dead-letter queue (confirmed), records
@@ -658,50 +918,28 @@ impl Lane {
             &self.dead_letters,
             &self.shared.config,
             DeadLetter {
-                exchange: item.delivery.exchange.as_str(),
-                routing_key: item.delivery.routing_key.as_str(),
-                properties: &item.delivery.properties,
-                body: &item.delivery.data,
+                exchange: &item.exchange,
+                routing_key: &item.routing_key,
+                properties: &item.properties,
+                body: &item.body,
                 reason: &reason,
                 attempts: item.attempts,
             },
         )
         .await;
         if let Err(e) = published {
-            // Keep it: unacked, it comes back if the channel is gone.
+            // Keep it: unacked (or held), it comes back if the channel is gone.
             return self.failed_for_now(item, &e);
         }
         let id = item.meta.as_ref().map(|m| m.message_id).ok();
         tracing::warn!(consumer = %self.shared.config.name, message_id = ?id, %reason, "message dead-lettered");
-        self.settle(item, Settled::DeadLettered, &CounterRef::DeadLettered)
-            .await
+        self.settle(item, Settled::DeadLettered).await
     }
-}
 
-/// A sync handler call made again from a delivery whose first call was
-/// spent (its body deserialized before, so it does again).
-fn prepare_sync(ran: &Ran, order: Order) -> Result<InboxCall> {
-    match ran.handler.prepare(&ran.meta, &ran.item.delivery.data) {
-        Ok(Call::Sync(f)) => Ok(InboxCall::new(f, &ran.meta, order, ran.span.clone())),
-        #[cfg(feature = "async")]
-        Ok(Call::Async(_)) => Err(Error::Handler(
-            "a sync handler's call came back async".to_owned(),
-        )),
-        Err(reason) => Err(Error::Handler(reason)),
-    }
-}
-
-/// Which counter a settle adds to.
-pub(crate) enum CounterRef {
-    DeadLettered,
-    Ignored,
-}
-
-impl CounterRef {
-    fn add(&self, counters: &Counters) {
-        match self {
-            CounterRef::DeadLettered => Counters::add(&counters.dead_lettered),
-            CounterRef::Ignored => Counters::add(&counters.ignored),
+    /// Queues the delivery's ack for the end of the batch.
+    fn ack(&mut self, item: &Item) {
+        if let Source::Delivery { acker, .. } = &item.source {
+            self.acks.push(acker.clone());
         }
     }
 }

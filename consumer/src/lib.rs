@@ -54,7 +54,10 @@
 //! - [`dead_letter`]: dead-letter headers and [`replay_dead_letters`].
 //! - [`sequence`], [`route`]: pure rules (key position, topic patterns).
 //! - `session`, `lane`, `batch`, `schedule`: consuming, running a
-//!   delivery or a batch of them, choosing the next. `topology`, `members`: broker objects, queue sharing.
+//!   delivery or a batch of them, choosing the next.
+//! - `held`: messages ahead of their key, kept in the database until their turn.
+//! - `topology`, `members`: broker objects and the partition count, queue
+//!   sharing among live instances.
 //!
 //! # Features
 //!
@@ -68,6 +71,7 @@ pub mod consumer;
 pub mod dead_letter;
 pub mod envelope;
 mod handler;
+mod held;
 pub mod inbox;
 #[cfg(feature = "async")]
 mod inbox_async;
@@ -90,7 +94,6 @@ pub use handler::BoxFuture;
 pub use handler::HandlerResult;
 pub use inbox::{AheadPolicy, Applied, HandlerError, Inbox, Incoming, Settled};
 pub use stats::Stats;
-pub use topology::HASH_HEADER;
 
 /// What can go wrong in the consumer.
 #[derive(Debug, thiserror::Error)]

@@ -3,20 +3,22 @@
 //!
 //! The message id decides "duplicate" (the inbox row does that); the key
 //! sequence decides "in order". `key_seq` counts every event of a key across
-//! all routing keys, so a consumer bound to only some event types sees gaps
-//! that are not missing messages: whether a gap is worth waiting for is the
-//! caller's policy.
+//! all routing keys, so a consumer bound to only some of them must not wait
+//! for the numbers in between: each message says which earlier event it
+//! follows for this consumer (`after`, from its `x-key-prev` header and the
+//! consumer's bindings), and that is what the key's position must have
+//! reached.
 
 /// Position of an incoming `key_seq` against the last one applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Position {
     /// The very next one (`last + 1`).
     Next,
-    /// Later than the next: `missing` sequence numbers between were not
-    /// applied here (not yet arrived, or events this consumer does not bind).
+    /// An event this consumer receives comes between the key's position
+    /// and this one, and has not been applied yet.
     Ahead {
-        /// How many numbers lie between the last applied and this one.
-        missing: i64,
+        /// The position the key must reach first.
+        after: i64,
     },
     /// At or before the last applied, yet its id was never applied: a late
     /// message, not a duplicate. Never dropped silently.
@@ -26,16 +28,19 @@ pub enum Position {
     },
 }
 
-/// Where `incoming` stands after `last` (0 when the key is new).
-pub fn position(last: i64, incoming: i64) -> Position {
-    if incoming == last + 1 {
-        Position::Next
-    } else if incoming > last {
-        Position::Ahead {
-            missing: incoming - last - 1,
-        }
-    } else {
+/// Where message `seq`, which must follow `after` (its predecessor for
+/// this consumer; `seq - 1` for a consumer of every event of the key),
+/// stands when the key's position is `last` (0 when the key is new).
+///
+/// `after < last < seq` is next too: the key moved past events this message
+/// does not need (a replay, or a gap given up on).
+pub fn position(last: i64, seq: i64, after: i64) -> Position {
+    if seq <= last {
         Position::Behind { last }
+    } else if after <= last {
+        Position::Next
+    } else {
+        Position::Ahead { after }
     }
 }
 
@@ -43,14 +48,31 @@ pub fn position(last: i64, incoming: i64) -> Position {
 mod tests {
     use super::*;
 
+    /// A consumer of every event of the key: each follows the one before.
+    fn full(last: i64, seq: i64) -> Position {
+        position(last, seq, seq - 1)
+    }
+
     #[test]
     fn next_ahead_and_behind() {
-        assert_eq!(position(0, 1), Position::Next);
-        assert_eq!(position(4, 5), Position::Next);
-        assert_eq!(position(4, 7), Position::Ahead { missing: 2 });
-        assert_eq!(position(0, 3), Position::Ahead { missing: 2 });
-        assert_eq!(position(4, 4), Position::Behind { last: 4 });
-        assert_eq!(position(4, 1), Position::Behind { last: 4 });
+        assert_eq!(full(0, 1), Position::Next);
+        assert_eq!(full(4, 5), Position::Next);
+        assert_eq!(full(4, 7), Position::Ahead { after: 6 });
+        assert_eq!(full(0, 3), Position::Ahead { after: 2 });
+        assert_eq!(full(4, 4), Position::Behind { last: 4 });
+        assert_eq!(full(4, 1), Position::Behind { last: 4 });
+    }
+
+    #[test]
+    fn a_partial_subscriber_skips_what_it_does_not_bind_and_waits_for_what_it_does() {
+        // Events 1..=5 of a key; this consumer binds 1, 3 and 5. Event 5
+        // follows 3, event 3 follows 1.
+        assert_eq!(position(1, 3, 1), Position::Next, "2 is not ours");
+        assert_eq!(position(1, 5, 3), Position::Ahead { after: 3 });
+        assert_eq!(position(3, 5, 3), Position::Next);
+        // The key moved past 4 (a gap given up on): 5 still runs.
+        assert_eq!(position(4, 5, 3), Position::Next);
+        assert_eq!(position(5, 5, 3), Position::Behind { last: 5 });
     }
 
     #[test]
@@ -74,10 +96,7 @@ mod tests {
             let (mut last, mut held, mut applied) = (0, Vec::new(), Vec::new());
             for seq in order {
                 held.push(seq);
-                while let Some(i) = held
-                    .iter()
-                    .position(|s| position(last, *s) == Position::Next)
-                {
+                while let Some(i) = held.iter().position(|s| full(last, *s) == Position::Next) {
                     last = held.remove(i);
                     applied.push(last);
                 }

@@ -1,27 +1,58 @@
-//! One connection's worth of consuming: subscribe to the assigned queues,
-//! feed deliveries through the scheduler to the lanes, and wind down
-//! cleanly when told to (shutdown, new assignment) or when the broker
-//! connection is lost.
+//! One assignment's worth of consuming on a broker connection: subscribe to
+//! the assigned queues, feed deliveries and released held messages through
+//! the scheduler to the lanes, sweep the held table, drain and delete
+//! queues of an earlier partition count, and wind down cleanly when told to
+//! (shutdown, new assignment) or when the broker connection is lost.
 
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use diesel::{Connection, PgConnection};
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection as AmqpConnection, ConnectionProperties};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::consumer::Shared;
 use crate::lane::{Done, Item, Lane};
-use crate::schedule::{Mode, Scheduler};
+use crate::schedule::{Finish, Scheduler};
 use crate::stats::Counters;
 use crate::{Error, Result, topology};
 
+/// The queues one instance consumes now.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Assignment {
+    /// Every queue to subscribe to.
+    pub(crate) queues: Vec<String>,
+    /// Those of an earlier partition count: deleted once drained.
+    pub(crate) retiring: BTreeSet<String>,
+}
+
+/// Why a session ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// Shutdown, or a new assignment: subscribe again as told.
+    Told,
+    /// A drained queue was deleted: the topology changed.
+    Retired,
+}
+
+/// How often the held table is swept for messages whose turn came.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often drained-looking retiring queues are checked.
+const RETIRE_INTERVAL: Duration = Duration::from_secs(2);
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Connects to the broker, naming the connection after the consumer.
-pub(crate) async fn connect(shared: &Shared) -> Result<Connection> {
+pub(crate) async fn connect(shared: &Shared) -> Result<AmqpConnection> {
     let url = &shared.config.amqp_url;
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("consumer {}", shared.config.name).into());
@@ -30,13 +61,11 @@ pub(crate) async fn connect(shared: &Shared) -> Result<Connection> {
         url: outbox::redact_url(url),
         cause,
     };
-    tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties))
+    tokio::time::timeout(CONNECT_TIMEOUT, AmqpConnection::connect(url, properties))
         .await
         .map_err(|_| connect_error(format!("no answer within {CONNECT_TIMEOUT:?}")))?
         .map_err(|e| connect_error(e.to_string()))
 }
-
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn broker(operation: &'static str) -> impl Fn(lapin::Error) -> Error {
     move |e| Error::Broker {
@@ -45,33 +74,15 @@ fn broker(operation: &'static str) -> impl Fn(lapin::Error) -> Error {
     }
 }
 
-/// Consumes `queues` (partition indexes) until `end` is cancelled (`Ok`)
-/// or the broker connection fails (`Err`).
-pub(crate) async fn run(
+/// Consumes `assignment` on `connection` until `end` is cancelled, a
+/// drained queue is deleted (`Ok`), or the broker connection fails (`Err`).
+pub(crate) async fn consume(
     shared: &Arc<Shared>,
-    queues: &[u16],
+    connection: &AmqpConnection,
+    assignment: &Assignment,
     end: &CancellationToken,
-) -> Result<()> {
-    let connection = connect(shared).await?;
-    let result = consume(shared, &connection, queues, end).await;
-    let _ = connection.close(200, "consumer session over".into()).await;
-    result
-}
-
-async fn consume(
-    shared: &Arc<Shared>,
-    connection: &Connection,
-    queues: &[u16],
-    end: &CancellationToken,
-) -> Result<()> {
+) -> Result<Ended> {
     let config = &shared.config;
-    let setup = connection
-        .create_channel()
-        .await
-        .map_err(broker("opening a channel"))?;
-    topology::declare(&setup, config, &shared.routes).await?;
-    let _ = setup.close(200, "declared".into()).await;
-
     let dead_letters = connection
         .create_channel()
         .await
@@ -85,8 +96,7 @@ async fn consume(
     // hands that queue's unacked deliveries back.
     let mut subscriptions: Vec<Channel> = Vec::new();
     let mut streams = Vec::new();
-    for &index in queues {
-        let queue = config.queue(index);
+    for (index, queue) in assignment.queues.iter().enumerate() {
         let channel = connection
             .create_channel()
             .await
@@ -95,7 +105,7 @@ async fn consume(
             .basic_qos(config.prefetch, BasicQosOptions::default())
             .await
             .map_err(broker("setting the prefetch"))?;
-        let tag = format!("{}-{}", config.name, uuid::Uuid::now_v7());
+        let tag = format!("{}-{}", config.name, Uuid::now_v7());
         let consumer = channel
             .basic_consume(
                 queue.as_str().into(),
@@ -104,21 +114,26 @@ async fn consume(
                 FieldTable::default(),
             )
             .await
-            .map_err(broker("subscribing to the queue"))?;
+            .map_err(|e| topology::classify("queue", queue, &e))?;
         tracing::info!(consumer = %config.name, %queue, "subscribed");
-        streams.push(consumer);
+        streams.push(consumer.map(move |d| (index, d)));
         subscriptions.push(channel);
     }
     let mut deliveries = futures_util::stream::select_all(streams);
+    shared.set_subscribed(assignment.queues.clone());
+    let mut in_flight = vec![0usize; assignment.queues.len()];
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<String>();
+    let (swept_tx, mut swept_rx) = mpsc::channel::<Vec<Item>>(1);
+    let sweeping = end.child_token();
+    let sweeper = tokio::spawn(sweep(Arc::clone(shared), swept_tx, sweeping.clone()));
     let mut lanes = JoinSet::new();
     let mut senders = Vec::new();
     let mut idle: Vec<usize> = Vec::new();
     let mut pool = shared.take_connections();
     for index in 0..config.lanes {
-        let (tx, rx) = mpsc::channel::<Vec<(Item, Mode)>>(1);
+        let (tx, rx) = mpsc::channel::<Vec<Item>>(1);
         let mut lane = Lane::new(index, Arc::clone(shared), dead_letters.clone());
         lane.conn = pool.pop();
         lanes.spawn(lane.run(rx, done_tx.clone()));
@@ -128,14 +143,17 @@ async fn consume(
     drop(done_tx);
     idle.reverse();
 
-    let mut scheduler: Scheduler<Item> = Scheduler::new(config.gap_wait);
+    let mut scheduler: Scheduler<Item> = Scheduler::new();
+    // Held messages scheduled or running, so the sweep adds each once.
+    let mut held_ids: HashSet<Uuid> = HashSet::new();
     let mut running = 0usize;
+    let mut retire_check = tokio::time::interval(RETIRE_INTERVAL);
     let outcome = loop {
         let now = Instant::now();
         while let Some(&lane) = idle.last() {
             // Share a backlog among the idle lanes, up to batch_size each.
             let size = (scheduler.pending() / idle.len()).clamp(1, config.batch_size);
-            let batch: Vec<(Item, Mode)> = std::iter::from_fn(|| scheduler.next(now))
+            let batch: Vec<Item> = std::iter::from_fn(|| scheduler.next(now))
                 .take(size)
                 .collect();
             if batch.is_empty() {
@@ -148,13 +166,14 @@ async fn consume(
             }
         }
         tokio::select! {
-            () = end.cancelled() => break Ok(()),
-            delivery = deliveries.next(), if !queues.is_empty() => match delivery {
-                Some(Ok(delivery)) => {
+            () = end.cancelled() => break Ok(Ended::Told),
+            delivery = deliveries.next(), if !assignment.queues.is_empty() => match delivery {
+                Some((queue, Ok(delivery))) => {
                     Counters::add(&shared.counters.received);
-                    scheduler.push(Item::new(delivery), Instant::now());
+                    in_flight[queue] += 1;
+                    scheduler.push(Item::delivery(delivery, queue), Instant::now());
                 }
-                Some(Err(e)) => break Err(broker("receiving")(e)),
+                Some((_, Err(e))) => break Err(broker("receiving")(e)),
                 None => break Err(Error::Broker {
                     operation: "receiving",
                     cause: "the broker ended the subscription (queue deleted or connection closed)".into(),
@@ -163,17 +182,35 @@ async fn consume(
             Some(done) = done_rx.recv() => {
                 running -= 1;
                 idle.push(done.lane);
-                for (key, finish) in done.finished {
-                    if let Some(at) = scheduler.finish(&key, finish, Instant::now()) {
+                for finished in done.finished {
+                    if matches!(finished.finish, Finish::Done) {
+                        if let Some(queue) = finished.queue {
+                            in_flight[queue] -= 1;
+                        }
+                        if let Some(id) = finished.held {
+                            held_ids.remove(&id);
+                        }
+                    }
+                    if let Some(at) = scheduler.finish(&finished.key, finished.finish, Instant::now()) {
                         let wake = wake_tx.clone();
+                        let key = finished.key;
                         tokio::spawn(async move {
                             tokio::time::sleep_until(at.into()).await;
                             let _ = wake.send(key);
                         });
                     }
                 }
+                push_held(&mut scheduler, &mut held_ids, done.released);
             }
+            Some(items) = swept_rx.recv() => push_held(&mut scheduler, &mut held_ids, items),
             Some(key) = wake_rx.recv() => scheduler.wake(&key, Instant::now()),
+            _ = retire_check.tick(), if !assignment.retiring.is_empty() => {
+                match retire(shared, connection, assignment, &subscriptions, &in_flight).await {
+                    Ok(false) => {}
+                    Ok(true) => break Ok(Ended::Retired),
+                    Err(e) => break Err(e),
+                }
+            }
         }
     };
 
@@ -182,6 +219,9 @@ async fn consume(
     // active consumer while this one still holds earlier deliveries of its
     // keys, and new messages would reach the standby ahead of them. Closing
     // the channels below hands everything unacked back in order first.
+    shared.set_subscribed(Vec::new());
+    sweeping.cancel();
+    let _ = sweeper.await;
     let waiting = scheduler.pending();
     scheduler.drain();
     drop(senders);
@@ -207,8 +247,8 @@ async fn consume(
         lanes.abort_all();
     }
     shared.return_connections(kept);
-    // Closing the channels hands every unacked delivery (held, retrying,
-    // waiting) back to its queue, in order.
+    // Closing the channels hands every unacked delivery (waiting, retrying)
+    // back to its queue, in order.
     for channel in subscriptions {
         let _ = channel.close(200, "consumer session over".into()).await;
     }
@@ -217,4 +257,142 @@ async fn consume(
         .await;
     tracing::debug!(consumer = %config.name, waiting, "session ended");
     outcome
+}
+
+/// Schedules held messages not scheduled yet.
+fn push_held(scheduler: &mut Scheduler<Item>, held_ids: &mut HashSet<Uuid>, items: Vec<Item>) {
+    for item in items {
+        match item.held_id() {
+            Some(id) if !held_ids.insert(id) => {}
+            _ => scheduler.push(item, Instant::now()),
+        }
+    }
+}
+
+/// Deletes one drained retiring queue of this session, if there is one:
+/// nothing of it in flight here and none ready on the broker. Its channel
+/// is closed first (anything unacked goes back), then it is deleted only if
+/// still empty. `true` when the session must end (a queue was retired, or
+/// its channel was closed in the attempt).
+async fn retire(
+    shared: &Arc<Shared>,
+    connection: &AmqpConnection,
+    assignment: &Assignment,
+    subscriptions: &[Channel],
+    in_flight: &[usize],
+) -> Result<bool> {
+    let config = &shared.config;
+    for (index, queue) in assignment.queues.iter().enumerate() {
+        if !assignment.retiring.contains(queue) || in_flight[index] > 0 {
+            continue;
+        }
+        match topology::depth(connection, queue).await? {
+            Some(0) => {}
+            Some(_) => continue,
+            None => {
+                forget_retired(shared, queue).await;
+                return Ok(true);
+            }
+        }
+        let _ = subscriptions[index]
+            .close(200, "draining a retired queue".into())
+            .await;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(broker("opening a channel"))?;
+        let deleted = channel
+            .queue_delete(
+                queue.as_str().into(),
+                QueueDeleteOptions {
+                    if_empty: true,
+                    ..QueueDeleteOptions::default()
+                },
+            )
+            .await;
+        match deleted {
+            Ok(_) => {
+                tracing::info!(consumer = %config.name, %queue, "retired queue drained and deleted");
+                let _ = channel.close(200, "retired".into()).await;
+                forget_retired(shared, queue).await;
+            }
+            // Not empty after all (its unacked came back): later.
+            Err(e) => {
+                tracing::debug!(consumer = %config.name, %queue, error = %e, "retired queue not empty yet");
+            }
+        }
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Removes a deleted queue from the recorded topology.
+async fn forget_retired(shared: &Arc<Shared>, queue: &str) {
+    let task_shared = Arc::clone(shared);
+    let queue = queue.to_owned();
+    let done = tokio::task::spawn_blocking(move || {
+        let config = &task_shared.config;
+        let mut conn = PgConnection::establish(&config.database_url).map_err(|e| e.to_string())?;
+        topology::retired(&mut conn, &config.schema, &config.name, &queue)
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    match done {
+        Ok(Ok(())) => shared.membership_changed.notify_one(),
+        Ok(Err(e)) => {
+            tracing::warn!(consumer = %shared.config.name, error = %e, "cannot record a retired queue; it is retried")
+        }
+        Err(e) => {
+            tracing::warn!(consumer = %shared.config.name, error = %e, "recording a retired queue failed")
+        }
+    }
+}
+
+/// Sweeps the held table every [`SWEEP_INTERVAL`] while the session runs,
+/// sending what is due to the session. Gaps are given up on only once this
+/// session has consumed for the gap wait itself: after a broker outage every
+/// key stood still, and that is no reason to skip anything.
+async fn sweep(shared: Arc<Shared>, out: mpsc::Sender<Vec<Item>>, stop: CancellationToken) {
+    let started = Instant::now();
+    let mut conn: Option<PgConnection> = None;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(SWEEP_INTERVAL) => {}
+        }
+        let gap_wait = shared.config.gap_wait;
+        let expire = (started.elapsed() >= gap_wait).then_some(gap_wait);
+        let task_shared = Arc::clone(&shared);
+        let taken = conn.take();
+        let swept = tokio::task::spawn_blocking(move || {
+            let config = &task_shared.config;
+            let mut c = match taken {
+                Some(c) => c,
+                None => PgConnection::establish(&config.database_url).map_err(|e| e.to_string())?,
+            };
+            let rows = task_shared
+                .inbox
+                .sweep_held(&mut c, expire, 256)
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((c, rows))
+        })
+        .await;
+        match swept {
+            Ok(Ok((c, rows))) => {
+                conn = Some(c);
+                if !rows.is_empty() {
+                    let items = rows.into_iter().map(Item::held).collect();
+                    if out.send(items).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(consumer = %shared.config.name, error = %e, "sweeping held messages failed")
+            }
+            Err(e) => {
+                tracing::warn!(consumer = %shared.config.name, error = %e, "sweeping task failed")
+            }
+        }
+    }
 }

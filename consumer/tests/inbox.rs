@@ -55,10 +55,7 @@ fn effects(conn: &mut PgConnection) -> Vec<String> {
 }
 
 fn keyed(id: Uuid, key: &str, seq: i64) -> Incoming<'_> {
-    Incoming {
-        message_id: id,
-        key: Some((key, seq)),
-    }
+    Incoming::keyed(id, key, seq)
 }
 
 #[test]
@@ -312,10 +309,7 @@ fn each_consumer_name_applies_a_message_once_for_itself() {
     let logistics = Inbox::new("logistics", schema.name()).unwrap();
     let mut conn = schema.connect();
     let id = Uuid::now_v7();
-    let unkeyed = Incoming {
-        message_id: id,
-        key: None,
-    };
+    let unkeyed = Incoming::unordered(id);
     for inbox in [&billing, &logistics, &billing] {
         inbox
             .apply(&mut conn, unkeyed, AheadPolicy::Apply, write("x"))
@@ -339,6 +333,7 @@ fn a_handler_that_swallows_a_failed_statement_is_not_reported_applied() {
         let message = Incoming {
             message_id: Uuid::now_v7(),
             key,
+            after: None,
         };
         let swallowed = inbox.apply(&mut conn, message, AheadPolicy::Apply, |conn| {
             write("lost")(conn)?;

@@ -1,6 +1,6 @@
 //! Several instances of one consumer name on a partitioned topology (they
-//! share the queues through `inbox_members` heartbeats and hand them over
-//! when one leaves), diesel-async handlers, the producer's trace continued
+//! share the queues through `inbox_members` and their session locks, and
+//! hand them over when one leaves), diesel-async handlers, the producer's trace continued
 //! in the handler's span, and pruning of old message ids.
 
 mod common;
@@ -21,12 +21,6 @@ struct Count {
     n: i64,
 }
 
-#[derive(QueryableByName)]
-struct Stamp {
-    #[diesel(sql_type = Text)]
-    at: String,
-}
-
 /// Runs a `SELECT count(*) AS n ...` binding the consumer name as `$1`.
 fn count(h: &Harness, sql: &str) -> i64 {
     diesel::sql_query(sql)
@@ -36,43 +30,43 @@ fn count(h: &Harness, sql: &str) -> i64 {
         .n
 }
 
-/// Instances of the test's consumer with a live heartbeat (within the
-/// Harness's member_ttl of 3 s).
+/// Instances of the test's consumer that hold their membership lock.
 fn live_members(h: &Harness) -> i64 {
     count(
         h,
         &format!(
-            r#"SELECT count(*) AS n FROM "{}".inbox_members
-               WHERE consumer = $1 AND heartbeat_at > now() - interval '3 seconds'"#,
+            r#"SELECT count(*) AS n FROM "{}".inbox_members m
+               WHERE consumer = $1 AND EXISTS (
+                   SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted
+                     AND l.objsubid = 1
+                     AND l.classid = ((m.lock_key >> 32) & 4294967295)::oid
+                     AND l.objid = (m.lock_key & 4294967295)::oid)"#,
             h.schema.name()
         ),
     )
 }
 
-/// Waits until two instances are members and each has heartbeaten since
-/// both were: each has then seen the other and taken its share of queues.
-async fn wait_for_two_members(h: &Harness) {
+/// Waits until two instances are members and have split the 4 queues
+/// between them.
+async fn wait_for_two_members(h: &Harness, a: &Consumer, b: &Consumer) {
     wait_until("two live instances", Duration::from_secs(20), || {
         live_members(h) == 2
     })
     .await;
-    let joined = diesel::sql_query(format!(
-        r#"SELECT max(heartbeat_at)::text AS at FROM "{}".inbox_members WHERE consumer = $1"#,
-        h.schema.name()
-    ))
-    .bind::<Text, _>(&h.name)
-    .get_result::<Stamp>(&mut h.schema.connect())
-    .unwrap()
-    .at;
-    let seen_each_other = format!(
-        r#"SELECT count(*) AS n FROM "{}".inbox_members
-           WHERE consumer = $1 AND heartbeat_at > '{joined}'::timestamptz"#,
-        h.schema.name()
-    );
     wait_until(
-        "both instances heartbeat after both joined",
+        "the queues split between them",
         Duration::from_secs(20),
-        || count(h, &seen_each_other) == 2,
+        || {
+            let (qa, qb) = (a.queues(), b.queues());
+            let mut all: Vec<String> = qa.iter().chain(&qb).cloned().collect();
+            all.sort();
+            qa.len() == 2
+                && qb.len() == 2
+                && all
+                    == (0..4)
+                        .map(|i| format!("{}.{i}", h.name))
+                        .collect::<Vec<_>>()
+        },
     )
     .await;
 }
@@ -148,7 +142,7 @@ async fn two_instances_on_partitions_share_the_load_and_keep_per_key_order() {
     let [(a, _), (b, _)] = two_instances(&h);
     let (stop_a, task_a) = spawn(&a);
     let (stop_b, task_b) = spawn(&b);
-    wait_for_two_members(&h).await;
+    wait_for_two_members(&h, &a, &b).await;
 
     let msgs = keyed(50, 1..=80);
     h.publish(&msgs[0]).await;
@@ -175,7 +169,7 @@ async fn an_instance_leaving_hands_its_queues_to_the_other() {
     let [(a, a_keys), (b, b_keys)] = two_instances(&h);
     let (stop_a, task_a) = spawn(&a);
     let (stop_b, task_b) = spawn(&b);
-    wait_for_two_members(&h).await;
+    wait_for_two_members(&h, &a, &b).await;
 
     let first = keyed(50, 1..=30);
     h.publish(&first[0]).await;

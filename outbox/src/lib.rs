@@ -43,6 +43,7 @@
 //! - [`migrate`](mod@migrate): the embedded SQL migrations and their ledger.
 //! - [`retry`]: [`RetryPolicy`], the backoff the relay and the consumer share.
 //! - `config`, `error`: [`Config`] and [`Error`].
+//! - [`wire`]: the header names and rules the relay and the consumer share.
 //! - `validate`, `trace`: field rules, and the W3C trace context of the current span.
 //!
 //! # Features
@@ -61,6 +62,7 @@ mod redact;
 pub mod retry;
 mod trace;
 mod validate;
+pub mod wire;
 
 pub use config::{Config, DEFAULT_MAX_PAYLOAD_BYTES, MAX_PAYLOAD_CEILING};
 pub use enqueue::{Enqueued, Outbox, enqueue, enqueue_batch, enqueue_message};
@@ -70,7 +72,7 @@ pub use message::{Message, MessageBuilder};
 pub use migrate::migrate;
 pub use redact::redact_url;
 pub use retry::RetryPolicy;
-pub use validate::{
-    EVENT_VERSION_HEADER, HASH_KEY_HEADER, KEY_SEQ_HEADER, MAX_NAME_BYTES, ORDERING_KEY_HEADER,
-    RESERVED_HEADERS,
+pub use validate::MAX_NAME_BYTES;
+pub use wire::{
+    EVENT_VERSION_HEADER, HASH_KEY_HEADER, KEY_SEQ_HEADER, ORDERING_KEY_HEADER, RESERVED_HEADERS,
 };

@@ -38,6 +38,12 @@ pub const MIGRATIONS: &[Migration] = &[
         up: include_str!("../../migrations/00002_consumer_members/up.sql"),
         down: include_str!("../../migrations/00002_consumer_members/down.sql"),
     },
+    Migration {
+        version: 3,
+        name: "order_without_the_broker",
+        up: include_str!("../../migrations/00003_order_without_the_broker/up.sql"),
+        down: include_str!("../../migrations/00003_order_without_the_broker/down.sql"),
+    },
 ];
 
 #[derive(QueryableByName)]

@@ -10,21 +10,6 @@ use crate::{Error, Result};
 /// bytes: the AMQP short-string limit.
 pub const MAX_NAME_BYTES: usize = 255;
 
-/// Header carrying the ordering key on the wire.
-pub const ORDERING_KEY_HEADER: &str = "x-ordering-key";
-/// Header carrying the per-key sequence number on the wire.
-pub const KEY_SEQ_HEADER: &str = "x-key-seq";
-/// Header carrying the payload's schema version on the wire.
-pub const EVENT_VERSION_HEADER: &str = "x-event-version";
-
-/// Header a consumer's consistent-hash exchange spreads messages by. The
-/// relay sets it to the ordering key; an unordered message keeps the
-/// producer's own `x-hash-key` if it set one, else gets its message id.
-pub const HASH_KEY_HEADER: &str = "x-hash-key";
-
-/// Header names the relay sets from the message's columns; users cannot set them.
-pub const RESERVED_HEADERS: &[&str] = &[ORDERING_KEY_HEADER, KEY_SEQ_HEADER, EVENT_VERSION_HEADER];
-
 fn name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':')
 }
@@ -114,10 +99,7 @@ pub(crate) fn header_name(value: &str) -> Result<()> {
             "must be 1 to 255 bytes",
         ));
     }
-    if RESERVED_HEADERS
-        .iter()
-        .any(|reserved| reserved.eq_ignore_ascii_case(value))
-    {
+    if crate::wire::is_reserved(value) {
         return Err(Error::invalid(
             "header name",
             value,

@@ -71,7 +71,7 @@ const EXISTING_SERVICE: &str = r#"
 fn migrate_installs_into_an_empty_database() {
     let db = TestDatabase::new("mig_empty");
     let mut conn = db.connect();
-    assert_eq!(outbox::migrate(&mut conn).unwrap(), [1, 2]);
+    assert_eq!(outbox::migrate(&mut conn).unwrap(), [1, 2, 3]);
     let catalog = catalog(&mut conn);
     for object in [
         "rel public.outbox_messages r",
@@ -164,7 +164,7 @@ fn revert_restores_the_starting_state() {
     assert_ne!(catalog(&mut conn), before);
     assert_eq!(
         Outbox::default().revert_migrations(&mut conn).unwrap(),
-        [2, 1]
+        [3, 2, 1]
     );
 
     assert_eq!(catalog(&mut conn), before);
@@ -188,7 +188,7 @@ fn migrate_into_a_named_schema_leaves_public_alone_and_enqueue_finds_it() {
     })
     .unwrap();
 
-    assert_eq!(outbox.migrate(&mut conn).unwrap(), [1, 2]);
+    assert_eq!(outbox.migrate(&mut conn).unwrap(), [1, 2, 3]);
 
     let catalog = catalog(&mut conn);
     let ours = our_objects(&catalog);
@@ -227,7 +227,7 @@ fn concurrent_migrations_apply_once() {
     });
     let mut all: Vec<i32> = applied.into_iter().flatten().collect();
     all.sort();
-    assert_eq!(all, [1, 2], "exactly one caller applied each migration");
+    assert_eq!(all, [1, 2, 3], "exactly one caller applied each migration");
 }
 
 #[test]
@@ -238,4 +238,33 @@ fn bad_schema_names_are_refused_before_touching_the_database() {
     })
     .unwrap_err();
     assert!(err.to_string().contains("schema"), "{err}");
+}
+
+/// Each migration's down undoes exactly its up, also one that changes
+/// objects an earlier one created (00003 replaces `outbox_enqueue` and adds
+/// columns): the catalog after the earlier ones is restored byte for byte.
+#[test]
+fn each_down_restores_the_catalog_its_up_found() {
+    let db = TestDatabase::new("mig_each_down");
+    let mut conn = db.connect();
+    conn.batch_execute("SET search_path TO public").unwrap();
+    for migration in outbox::migrate::MIGRATIONS {
+        let before = catalog(&mut conn);
+        conn.batch_execute(migration.up).unwrap();
+        assert_ne!(
+            catalog(&mut conn),
+            before,
+            "{} changes something",
+            migration.name
+        );
+        conn.batch_execute(migration.down).unwrap();
+        assert_eq!(
+            catalog(&mut conn),
+            before,
+            "migration {} ({}) down leaves what its up found",
+            migration.version,
+            migration.name
+        );
+        conn.batch_execute(migration.up).unwrap();
+    }
 }

@@ -39,9 +39,9 @@ pub enum Error {
         /// The lapin error.
         cause: lapin::Error,
     },
-    /// The outbox tables are missing: the migrations were not applied.
+    /// The outbox tables are missing or older than this relay: the migrations were not applied.
     #[error(
-        "the outbox tables are not installed in schema {schema}: run `outbox-relay migrate` (or outbox::migrate) first"
+        "the outbox tables in schema {schema} are missing or older than this relay: run `outbox-relay migrate` (or outbox::migrate) first"
     )]
     NotMigrated {
         /// The schema looked in.

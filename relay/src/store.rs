@@ -51,6 +51,13 @@ pub struct PendingRow {
     /// Failed attempts so far.
     #[diesel(sql_type = Integer)]
     pub attempts: i32,
+    /// Keyed events: per exchange and routing key, the key_seq of the
+    /// latest earlier event of the key (`{exchange: {routing_key: seq}}`).
+    #[diesel(sql_type = Nullable<Jsonb>)]
+    pub key_prev: Option<serde_json::Value>,
+    /// Earlier events of the key up to this key_seq have unknown routes.
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub key_prev_any: Option<i64>,
 }
 
 /// A row whose publish failed, with what to do about it.
@@ -185,7 +192,7 @@ impl Store {
             schema: schema.to_owned(),
             lock_namespace: format!("outbox_relay.{schema}"),
             table: format!(r#""{schema}".outbox_messages"#),
-            claim_sql: format!(r#"SELECT * FROM "{schema}".outbox_relay_claim($1, $2, $3)"#),
+            claim_sql: format!(r#"SELECT * FROM "{schema}".outbox_relay_claim_v2($1, $2, $3)"#),
             published_sql: format!(r#"SELECT "{schema}".outbox_relay_published($1, $2)"#),
         }
     }
@@ -196,8 +203,10 @@ impl Store {
 
     /// The settings row, or [`Error::NotMigrated`] when the tables are missing.
     pub async fn settings(&self, conn: &mut AsyncPgConnection) -> Result<Settings> {
+        // The newest migration the relay needs: it adds outbox_relay_claim_v2.
         let installed: Flag = diesel::sql_query(
-            "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = 'outbox_settings') AS flag",
+            "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                            WHERE n.nspname = $1 AND p.proname = 'outbox_relay_claim_v2') AS flag",
         )
         .bind::<Text, _>(&self.schema)
         .get_result(conn)

@@ -1,11 +1,13 @@
 //! The wire format: how an outbox row becomes an AMQP message that any
-//! client (pika, amqplib, the Java client) reads without our code.
+//! client (pika, amqplib, the Java client) reads without our code. The
+//! names and rules are [`outbox::wire`]'s; this module writes them.
 //!
 //! Body: the event's JSON, unwrapped. Properties: `message_id`,
 //! `content_type` = `application/json`, `delivery_mode` = 2 (persistent),
-//! `timestamp`, `type`, `app_id`. Headers: `x-ordering-key`, `x-key-seq`,
-//! `x-event-version`, `x-hash-key` (the ordering key, else the message id),
-//! plus the row's headers (user headers, `traceparent`, `tracestate`).
+//! `timestamp`, `type`, `app_id`. Headers: the row's own (user headers,
+//! `traceparent`, `tracestate`), then `x-ordering-key`, `x-key-seq`,
+//! `x-key-prev`, `x-key-prev-any`, `x-event-version`, `x-hash-key` and the
+//! slot header `outbox-slot-<n>`.
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
@@ -14,7 +16,10 @@ use serde_json::Value;
 use crate::store::PendingRow;
 
 // The names are the outbox's: enqueue refuses them as user headers.
-pub use outbox::{EVENT_VERSION_HEADER, HASH_KEY_HEADER, KEY_SEQ_HEADER, ORDERING_KEY_HEADER};
+pub use outbox::wire::{
+    EVENT_VERSION_HEADER, HASH_KEY_HEADER, KEY_PREV_ANY_HEADER, KEY_PREV_HEADER, KEY_SEQ_HEADER,
+    ORDERING_KEY_HEADER,
+};
 
 /// The AMQP properties and headers of a row.
 pub fn properties(row: &PendingRow, app_id: Option<&str>) -> BasicProperties {
@@ -24,26 +29,32 @@ pub fn properties(row: &PendingRow, app_id: Option<&str>) -> BasicProperties {
             headers.insert(short(name), to_amqp(value));
         }
     }
-    if let Some(key) = &row.ordering_key {
+    // The hash key: the ordering key; for an unordered message the
+    // producer's own x-hash-key if it chose one, else the id. The slot
+    // (which partition queue of a consumer takes it) follows from it.
+    let hash_key = match (&row.ordering_key, headers.inner().get(HASH_KEY_HEADER)) {
+        (Some(key), _) => key.clone(),
+        (None, Some(AMQPValue::LongString(chosen))) => chosen.to_string(),
+        (None, _) => row.id.to_string(),
+    };
+    headers.insert(
+        outbox::wire::slot_header(outbox::wire::slot(&hash_key)).into(),
+        AMQPValue::Boolean(true),
+    );
+    headers.insert(
+        HASH_KEY_HEADER.into(),
+        AMQPValue::LongString(LongString::from(hash_key.as_str())),
+    );
+    if let (Some(key), Some(key_seq)) = (&row.ordering_key, row.key_seq) {
         headers.insert(
             ORDERING_KEY_HEADER.into(),
             AMQPValue::LongString(LongString::from(key.as_str())),
         );
-        // Consumers with partition queues hash on it: a key's messages
-        // must all reach one queue.
-        headers.insert(
-            HASH_KEY_HEADER.into(),
-            AMQPValue::LongString(LongString::from(key.as_str())),
-        );
-    } else if !headers.inner().contains_key(HASH_KEY_HEADER) {
-        // Unordered: spread by id, unless the producer chose a hash key.
-        headers.insert(
-            HASH_KEY_HEADER.into(),
-            AMQPValue::LongString(LongString::from(row.id.to_string())),
-        );
-    }
-    if let Some(key_seq) = row.key_seq {
         headers.insert(KEY_SEQ_HEADER.into(), AMQPValue::LongLongInt(key_seq));
+        headers.insert(KEY_PREV_HEADER.into(), key_prev(row.key_prev.as_ref()));
+        if let Some(any) = row.key_prev_any.filter(|n| *n > 0) {
+            headers.insert(KEY_PREV_ANY_HEADER.into(), AMQPValue::LongLongInt(any));
+        }
     }
     headers.insert(
         EVENT_VERSION_HEADER.into(),
@@ -57,6 +68,27 @@ pub fn properties(row: &PendingRow, app_id: Option<&str>) -> BasicProperties {
         .with_type(row.event_type.as_str().into())
         .with_app_id(app_id.unwrap_or(&row.exchange).into())
         .with_headers(headers)
+}
+
+/// `x-key-prev`: `{exchange: {routing key: key_seq}}` as nested tables of
+/// long long integers; entries that are not numbers are left out (the
+/// enqueue function writes only numbers).
+fn key_prev(value: Option<&Value>) -> AMQPValue {
+    let mut routes = FieldTable::default();
+    if let Some(Value::Object(exchanges)) = value {
+        for (exchange, keys) in exchanges {
+            let mut seqs = FieldTable::default();
+            if let Value::Object(keys) = keys {
+                for (key, seq) in keys {
+                    if let Some(seq) = seq.as_i64() {
+                        seqs.insert(short(key), AMQPValue::LongLongInt(seq));
+                    }
+                }
+            }
+            routes.insert(short(exchange), AMQPValue::FieldTable(seqs));
+        }
+    }
+    AMQPValue::FieldTable(routes)
 }
 
 /// A field name as an AMQP short string. Enqueue refuses names over 255
@@ -112,6 +144,10 @@ mod tests {
             headers: serde_json::json!({"tenant": "acme", "n": 5, "traceparent": "00-ab-cd-01"}),
             created_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             attempts: 0,
+            key_prev: Some(
+                serde_json::json!({"order": {"order.v1.submitted": 1, "order.v1.paid": 2}}),
+            ),
+            key_prev_any: None,
         }
     }
 
@@ -141,6 +177,22 @@ mod tests {
         );
         assert_eq!(h.get("x-key-seq"), Some(&AMQPValue::LongLongInt(3)));
         assert_eq!(h.get("x-event-version"), Some(&AMQPValue::LongInt(2)));
+        let slot = outbox::wire::slot_header(outbox::wire::slot("order-1"));
+        assert_eq!(h.get(slot.as_str()), Some(&AMQPValue::Boolean(true)));
+        let Some(AMQPValue::FieldTable(prev)) = h.get("x-key-prev") else {
+            panic!("x-key-prev is a table: {h:?}");
+        };
+        let Some(AMQPValue::FieldTable(order)) = prev.inner().get("order") else {
+            panic!("routes of exchange order: {prev:?}");
+        };
+        assert_eq!(
+            order.inner().get("order.v1.paid"),
+            Some(&AMQPValue::LongLongInt(2))
+        );
+        assert!(
+            !h.contains_key("x-key-prev-any"),
+            "only when some are unknown"
+        );
         assert_eq!(h.get("tenant"), Some(&AMQPValue::LongString("acme".into())));
         assert_eq!(h.get("n"), Some(&AMQPValue::LongLongInt(5)));
         assert_eq!(
@@ -165,6 +217,9 @@ mod tests {
         let p = properties(&r, None);
         let h = p.headers().as_ref().unwrap().inner();
         assert!(!h.contains_key("x-ordering-key") && !h.contains_key("x-key-seq"));
+        assert!(!h.contains_key("x-key-prev"));
+        let slot = outbox::wire::slot_header(outbox::wire::slot(&r.id.to_string()));
+        assert_eq!(h.get(slot.as_str()), Some(&AMQPValue::Boolean(true)));
         assert_eq!(
             h.get("x-hash-key"),
             Some(&AMQPValue::LongString(r.id.to_string().into())),

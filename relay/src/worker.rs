@@ -379,6 +379,8 @@ mod tests {
             headers: serde_json::json!({}),
             created_at: chrono::Utc::now(),
             attempts,
+            key_prev: None,
+            key_prev_any: None,
         }
     }
 

@@ -121,7 +121,7 @@ impl Harness {
         config.retry.initial = Duration::from_millis(50);
         config.retry.max_delay = Duration::from_millis(500);
         config.retry.max_attempts = 3;
-        config.member_ttl = Duration::from_secs(3);
+        config.membership_interval = Duration::from_millis(200);
         config.shutdown_timeout = Duration::from_secs(10);
         config
     }
@@ -146,13 +146,13 @@ impl Harness {
         match &msg.key {
             Some((key, seq)) => {
                 headers.insert("x-ordering-key".into(), text(key));
-                headers.insert("x-hash-key".into(), text(key));
+                headers.insert(slot_header(key), AMQPValue::Boolean(true));
                 if !msg.no_seq {
                     headers.insert("x-key-seq".into(), AMQPValue::LongLongInt(*seq));
                 }
             }
             None => {
-                headers.insert("x-hash-key".into(), text(&msg.id.to_string()));
+                headers.insert(slot_header(&msg.id.to_string()), AMQPValue::Boolean(true));
             }
         }
         headers.insert("x-event-version".into(), AMQPValue::LongInt(1));
@@ -202,7 +202,7 @@ impl Harness {
                 let mut headers = FieldTable::default();
                 if let Some((key, seq)) = &msg.key {
                     headers.insert("x-ordering-key".into(), text(key));
-                    headers.insert("x-hash-key".into(), text(key));
+                    headers.insert(slot_header(key), AMQPValue::Boolean(true));
                     headers.insert("x-key-seq".into(), AMQPValue::LongLongInt(*seq));
                 }
                 let properties = BasicProperties::default()
@@ -268,12 +268,23 @@ impl Harness {
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
-        for exchange in [format!("{}.partitions", self.name), self.exchange.clone()] {
+        for exchange in [
+            format!("{}.slots", self.name),
+            format!("{}.unslotted", self.name),
+            self.exchange.clone(),
+        ] {
             let _ = channel
                 .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
                 .await;
         }
     }
+}
+
+/// The slot header the relay stamps for `hash_key`.
+pub fn slot_header(hash_key: &str) -> lapin::types::ShortString {
+    outbox::wire::slot_header(outbox::wire::slot(hash_key))
+        .as_str()
+        .into()
 }
 
 fn text(s: &str) -> AMQPValue {

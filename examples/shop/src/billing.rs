@@ -90,15 +90,14 @@ pub fn on_cancelled(conn: &mut PgConnection, e: &Envelope<OrderCancelled>) -> Ha
 /// The billing consumer. With `latencies`, each charge records how long
 /// after the order's commit it ran.
 ///
-/// It takes some of an order's events (not `order.v1.confirmed`), so a gap
-/// in an order's key is an event it never gets: `gap_wait` is 0, as the
-/// consumer's docs advise for such bindings, or a cancellation after the
-/// confirmation would wait for nothing.
+/// It takes some of an order's events (not `order.v1.confirmed`); each
+/// event says which earlier events of its order came before it on which
+/// routing keys (`x-key-prev`), so a cancellation after the confirmation
+/// does not wait for the confirmation it never gets.
 pub fn consumer(
-    mut config: ConsumerConfig,
+    config: ConsumerConfig,
     latencies: Option<Latencies>,
 ) -> consumer::Result<Consumer> {
-    config.gap_wait = std::time::Duration::ZERO;
     Consumer::builder(config)
         .handle(
             "order",

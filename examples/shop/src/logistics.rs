@@ -70,11 +70,10 @@ pub fn on_cancelled(conn: &mut PgConnection, e: &Envelope<OrderCancelled>) -> Ha
 
 /// The logistics consumer; its outbox lives in `config.schema` too.
 ///
-/// It takes some of an order's events (not `order.v1.confirmed`), so a gap
-/// in an order's key is an event it never gets: `gap_wait` is 0, as the
-/// consumer's docs advise for such bindings.
-pub fn consumer(mut config: ConsumerConfig) -> anyhow::Result<Consumer> {
-    config.gap_wait = std::time::Duration::ZERO;
+/// It takes some of an order's events (not `order.v1.confirmed`); each
+/// event says which earlier events of its order came before it on which
+/// routing keys (`x-key-prev`), so it waits only for ones it binds.
+pub fn consumer(config: ConsumerConfig) -> anyhow::Result<Consumer> {
     let outbox = crate::outbox_in(&config.schema)?;
     Ok(Consumer::builder(config)
         .handle("order", "order.*.submitted", move |conn, e| {

@@ -184,16 +184,14 @@ pub fn on_order_cancelled(
 
 /// The payment consumer; its outbox lives in `config.schema` too.
 ///
-/// Of an order's events it takes only the cancellation, so the first it
-/// sees of an order's key is never number 1: `gap_wait` is 0, as the
-/// consumer's docs advise for such bindings, or every cancellation would
-/// wait for events it never gets.
+/// Of an order's events it takes only the cancellation; the cancellation
+/// says (`x-key-prev`) that nothing before it is on a routing key this
+/// consumer binds, so it runs without waiting for the order's earlier events.
 ///
 /// # Errors
 ///
 /// A bad configuration (see [`consumer::ConsumerBuilder::build`]).
-pub fn consumer(mut config: ConsumerConfig) -> anyhow::Result<Consumer> {
-    config.gap_wait = std::time::Duration::ZERO;
+pub fn consumer(config: ConsumerConfig) -> anyhow::Result<Consumer> {
     let outbox = crate::outbox_in(&config.schema)?;
     let cancelled = outbox.clone();
     Ok(Consumer::builder(config)
