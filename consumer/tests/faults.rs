@@ -2,9 +2,11 @@
 //! and unknown messages get their policy without crashing the consumer or
 //! being lost, a queue declared with other arguments is refused with a
 //! clear error, a broker connection lost between commit and ack is absorbed
-//! by the inbox, database connections killed mid-run lose nothing and apply
-//! nothing twice, and a graceful shutdown lets a restart finish the work
-//! exactly once.
+//! by the inbox, a broker connection cut at any step of start-up (handshake,
+//! declarations, subscriptions) is retried until consuming starts,
+//! database connections killed mid-run lose nothing and apply nothing
+//! twice, and a graceful shutdown lets a restart finish the work exactly
+//! once.
 
 mod common;
 
@@ -21,6 +23,7 @@ use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Connection, ConnectionProperties};
 use testkit::amqp::{amqp_url, close_broker_connections};
+use testkit::proxy::{self, Proxy};
 use tokio_util::sync::CancellationToken;
 
 /// The routing pattern every test binds its handler with.
@@ -501,4 +504,107 @@ async fn a_graceful_shutdown_finishes_running_handlers_and_a_restart_applies_the
     );
     assert_eq!(ready_in(&h.name).await, 0);
     h.cleanup(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_at_any_step_of_declaration_is_retried_and_consuming_starts() {
+    const PARTITIONS: u16 = 2;
+    let h = Harness::new("f_cut").await;
+    let proxy = Proxy::start(&proxy::address_of(&amqp_url())).await;
+    let mut config = h.config();
+    config.partitions = PARTITIONS;
+    // Only the broker goes through the proxy; the database stays direct.
+    config.amqp_url = proxy.url(&config.amqp_url);
+    let consumer = Consumer::builder(config)
+        .handle(&h.exchange, PATTERN, h.recorder())
+        .build()
+        .unwrap();
+    // Two keys, each with rising sequence numbers: order is checked too.
+    let mut published: Vec<Msg> = Vec::new();
+    let mut next_msg = || {
+        let n = published.len() as i64;
+        let msg = Msg::keyed(&format!("order-{}", n % 2), n / 2 + 1);
+        published.push(msg.clone());
+        msg
+    };
+    let applied = |msg: &Msg| {
+        let id = msg.id.to_string();
+        h.effects().iter().any(|e| e.message_id == id)
+    };
+
+    // Uncut starts, to learn what connecting, declaring and subscribing
+    // take on the wire: what the client sent until it had subscribed. The
+    // first start also clears what earlier versions may have left (no
+    // topology is recorded yet), so it is longer; every later start, and
+    // every reconnect, declares against the recorded topology like the
+    // second one. That one's size is where the cut points end.
+    let mut starts = Vec::new();
+    for _ in 0..2 {
+        let before = proxy.client_bytes();
+        let (shutdown, task) = spawn(&consumer);
+        wait_until("subscribed to both queues", Duration::from_secs(30), || {
+            consumer.queues().len() == usize::from(PARTITIONS)
+        })
+        .await;
+        starts.push(proxy.client_bytes() - before);
+        let msg = next_msg();
+        h.publish(&msg).await;
+        wait_until("the message applied", Duration::from_secs(30), || {
+            applied(&msg)
+        })
+        .await;
+        stop(shutdown, task).await;
+    }
+    let full = starts[1];
+    println!(
+        "a first start took {} client bytes, a restart {full}",
+        starts[0]
+    );
+    assert_eq!(proxy.cuts(), 0);
+
+    // Cut points from inside the AMQP handshake to the end of the start.
+    const POINTS: u64 = 12;
+    const FIRST: u64 = 150;
+    assert!(
+        full > FIRST * 2,
+        "a start of {full} bytes is implausibly short"
+    );
+    for i in 0..POINTS {
+        let n = FIRST + (full - FIRST) * i / (POINTS - 1);
+        let (cuts, connections) = (proxy.cuts(), proxy.connections());
+        let started = Instant::now();
+        proxy.cut_next_after(n);
+        let (shutdown, task) = spawn(&consumer);
+        let msg = next_msg();
+        h.publish(&msg).await;
+        wait_until(
+            &format!("the message applied after a cut at {n} bytes"),
+            Duration::from_secs(30),
+            || task.is_finished() || applied(&msg),
+        )
+        .await;
+        if task.is_finished() {
+            panic!(
+                "run gave up after a cut at {n} bytes: {:?}",
+                task.await.unwrap()
+            );
+        }
+        println!(
+            "cut at {n} bytes: applied in {:?} over {} connections",
+            started.elapsed(),
+            proxy.connections() - connections,
+        );
+        // Else the start ended before the cut point and proved nothing.
+        assert_eq!(
+            proxy.cuts(),
+            cuts + 1,
+            "the connection was cut at {n} bytes"
+        );
+        stop(shutdown, task).await;
+    }
+
+    let effects = h.effects();
+    assert_once_and_in_order(&effects);
+    assert_eq!(effects.len(), published.len(), "each applied exactly once");
+    h.cleanup(PARTITIONS).await;
 }

@@ -7,6 +7,7 @@
 //! brings up).
 
 pub mod amqp;
+pub mod proxy;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};

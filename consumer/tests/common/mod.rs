@@ -41,6 +41,8 @@ pub struct Msg {
     pub headers: Vec<(String, AMQPValue)>,
     /// Leave out `x-key-seq` even when keyed.
     pub no_seq: bool,
+    /// Route by this slot instead of the key's (a key moved to another queue).
+    pub slot: Option<u16>,
 }
 
 impl Msg {
@@ -53,6 +55,7 @@ impl Msg {
             routing_key: "order.v1.submitted".into(),
             headers: Vec::new(),
             no_seq: false,
+            slot: None,
         }
     }
 }
@@ -143,16 +146,11 @@ impl Harness {
     /// Publishes `msg` to `exchange` with `routing_key`, as above.
     pub async fn publish_to(&self, exchange: &str, routing_key: &str, msg: &Msg) {
         let mut headers = FieldTable::default();
-        match &msg.key {
-            Some((key, seq)) => {
-                headers.insert("x-ordering-key".into(), text(key));
-                headers.insert(slot_header(key), AMQPValue::Boolean(true));
-                if !msg.no_seq {
-                    headers.insert("x-key-seq".into(), AMQPValue::LongLongInt(*seq));
-                }
-            }
-            None => {
-                headers.insert(slot_header(&msg.id.to_string()), AMQPValue::Boolean(true));
+        headers.insert(msg.slot_header(), AMQPValue::Boolean(true));
+        if let Some((key, seq)) = &msg.key {
+            headers.insert("x-ordering-key".into(), text(key));
+            if !msg.no_seq {
+                headers.insert("x-key-seq".into(), AMQPValue::LongLongInt(*seq));
             }
         }
         headers.insert("x-event-version".into(), AMQPValue::LongInt(1));
@@ -200,10 +198,13 @@ impl Harness {
             let mut confirms = Vec::new();
             for msg in chunk {
                 let mut headers = FieldTable::default();
+                headers.insert(msg.slot_header(), AMQPValue::Boolean(true));
                 if let Some((key, seq)) = &msg.key {
                     headers.insert("x-ordering-key".into(), text(key));
-                    headers.insert(slot_header(key), AMQPValue::Boolean(true));
                     headers.insert("x-key-seq".into(), AMQPValue::LongLongInt(*seq));
+                }
+                for (k, v) in &msg.headers {
+                    headers.insert(k.as_str().into(), v.clone());
                 }
                 let properties = BasicProperties::default()
                     .with_message_id(msg.id.to_string().into())
@@ -280,11 +281,15 @@ impl Harness {
     }
 }
 
-/// The slot header the relay stamps for `hash_key`.
-pub fn slot_header(hash_key: &str) -> lapin::types::ShortString {
-    outbox::wire::slot_header(outbox::wire::slot(hash_key))
-        .as_str()
-        .into()
+impl Msg {
+    /// The slot header the relay would stamp (or the one `slot` forces).
+    fn slot_header(&self) -> lapin::types::ShortString {
+        let slot = self.slot.unwrap_or_else(|| match &self.key {
+            Some((key, _)) => outbox::wire::slot(key),
+            None => outbox::wire::slot(&self.id.to_string()),
+        });
+        outbox::wire::slot_header(slot).as_str().into()
+    }
 }
 
 fn text(s: &str) -> AMQPValue {
