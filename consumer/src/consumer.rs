@@ -193,7 +193,7 @@ impl Consumer {
     pub async fn declare(&self) -> Result<()> {
         let connection = session::connect(&self.shared).await?;
         let result = reconcile(&self.shared, &connection, self.shared.config.partitions).await;
-        let _ = connection.close(200, "declared".into()).await;
+        session::quietly(connection.close(200, "declared".into())).await;
         result.map(|_| ())
     }
 
@@ -265,7 +265,7 @@ impl Consumer {
                 if ended.is_ok() && conn.status().connected() {
                     connection = Some(conn);
                 } else {
-                    let _ = conn.close(200, "consumer session over".into()).await;
+                    session::quietly(conn.close(200, "consumer session over".into())).await;
                 }
                 ended.map(|_| ())
             }
@@ -284,7 +284,7 @@ impl Consumer {
             }
         };
         if let Some(conn) = connection {
-            let _ = conn.close(200, "consumer stopping".into()).await;
+            session::quietly(conn.close(200, "consumer stopping".into())).await;
         }
         stop_tasks.cancel();
         let _ = prune.await;
@@ -342,14 +342,22 @@ async fn declare_and_record(
     recorded: Option<Topology>,
 ) -> Result<Topology> {
     let config = &shared.config;
-    let topology = topology::declare(
-        connection,
-        config,
-        &shared.routes,
-        partitions,
-        recorded.as_ref(),
-    )
-    .await?;
+    let before = match &recorded {
+        Some(t) => topology::Before::Recorded(t),
+        None => {
+            let ran = with_database(shared, "looking for inbox rows", |conn, config| {
+                topology::has_history(conn, &config.schema, &config.name)
+            })
+            .await?;
+            if ran {
+                topology::Before::EarlierVersion
+            } else {
+                topology::Before::Nothing
+            }
+        }
+    };
+    let topology =
+        topology::declare(connection, config, &shared.routes, partitions, before).await?;
     if recorded.as_ref() != Some(&topology) {
         if let Some(before) = &recorded
             && before.partitions != topology.partitions

@@ -98,19 +98,23 @@ async fn confirmed_publish(
     operation: &'static str,
 ) -> Result<()> {
     let broker = |cause: String| Error::Broker { operation, cause };
-    let confirm = channel
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            body,
-            properties,
-        )
-        .await
-        .map_err(|e| broker(e.to_string()))?;
+    // Sending is bounded as well as the confirm: on a connection that died
+    // the client may never answer.
+    let confirm = async {
+        channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties,
+            )
+            .await?
+            .await
+    };
     match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
         Err(_) => Err(broker(format!("no confirm within {CONFIRM_TIMEOUT:?}"))),
         Ok(Err(e)) => Err(broker(e.to_string())),

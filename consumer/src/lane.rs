@@ -946,14 +946,21 @@ impl Lane {
 
 /// Sends the acks of a batch (all after its commit) side by side. A failed
 /// ack (the channel went away) is harmless: the broker redelivers and the
-/// inbox absorbs the duplicate.
+/// inbox absorbs the duplicate. Bounded: on a connection that died, the
+/// client may never answer, and the lane must not wait for it.
 async fn flush_acks(acks: Vec<Acker>) {
     let sent = futures_util::future::join_all(
         acks.iter()
             .map(|acker| acker.ack(BasicAckOptions::default())),
-    )
-    .await;
-    for e in sent.into_iter().filter_map(|r| r.err()) {
-        tracing::debug!(error = %e, "ack failed; the redelivery will be a duplicate");
+    );
+    match tokio::time::timeout(crate::session::BROKER_CALL_TIMEOUT, sent).await {
+        Ok(sent) => {
+            for e in sent.into_iter().filter_map(|r| r.err()) {
+                tracing::debug!(error = %e, "ack failed; the redelivery will be a duplicate");
+            }
+        }
+        Err(_) => tracing::debug!(
+            "acks unanswered (connection lost); the redeliveries will be duplicates"
+        ),
     }
 }

@@ -50,6 +50,15 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const RETIRE_INTERVAL: Duration = Duration::from_secs(2);
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an ack or a close may take: the client may never answer on a
+/// connection that died, and nothing may wait on it for long.
+pub(crate) const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Awaits a close or other call whose result does not matter, within
+/// [`BROKER_CALL_TIMEOUT`].
+pub(crate) async fn quietly<T>(call: impl std::future::Future<Output = T>) {
+    let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, call).await;
+}
 
 /// Connects to the broker, naming the connection after the consumer.
 pub(crate) async fn connect(shared: &Shared) -> Result<AmqpConnection> {
@@ -249,12 +258,13 @@ pub(crate) async fn consume(
     shared.return_connections(kept);
     // Closing the channels hands every unacked delivery (waiting, retrying)
     // back to its queue, in order.
-    for channel in subscriptions {
-        let _ = channel.close(200, "consumer session over".into()).await;
-    }
-    let _ = dead_letters
-        .close(200, "consumer session over".into())
-        .await;
+    quietly(futures_util::future::join_all(
+        subscriptions
+            .iter()
+            .chain(std::iter::once(&dead_letters))
+            .map(|channel| channel.close(200, "consumer session over".into())),
+    ))
+    .await;
     tracing::debug!(consumer = %config.name, waiting, "session ended");
     outcome
 }
@@ -271,9 +281,11 @@ fn push_held(scheduler: &mut Scheduler<Item>, held_ids: &mut HashSet<Uuid>, item
 
 /// Deletes one drained retiring queue of this session, if there is one:
 /// nothing of it in flight here and none ready on the broker. Its channel
-/// is closed first (anything unacked goes back), then it is deleted only if
-/// still empty. `true` when the session must end (a queue was retired, or
-/// its channel was closed in the attempt).
+/// is closed first (anything unacked goes back), then the broker deletes it
+/// only if it is still empty *and* has no consumer: another instance that
+/// has not yet seen the new assignment may still hold deliveries of it,
+/// which would be lost with the queue. `true` when the session must end (a
+/// queue was retired, or its channel was closed in the attempt).
 async fn retire(
     shared: &Arc<Shared>,
     connection: &AmqpConnection,
@@ -294,9 +306,7 @@ async fn retire(
                 return Ok(true);
             }
         }
-        let _ = subscriptions[index]
-            .close(200, "draining a retired queue".into())
-            .await;
+        quietly(subscriptions[index].close(200, "draining a retired queue".into())).await;
         let channel = connection
             .create_channel()
             .await
@@ -306,6 +316,7 @@ async fn retire(
                 queue.as_str().into(),
                 QueueDeleteOptions {
                     if_empty: true,
+                    if_unused: true,
                     ..QueueDeleteOptions::default()
                 },
             )
@@ -313,10 +324,11 @@ async fn retire(
         match deleted {
             Ok(_) => {
                 tracing::info!(consumer = %config.name, %queue, "retired queue drained and deleted");
-                let _ = channel.close(200, "retired".into()).await;
+                quietly(channel.close(200, "retired".into())).await;
                 forget_retired(shared, queue).await;
             }
-            // Not empty after all (its unacked came back): later.
+            // Not empty after all (its unacked came back), or another
+            // instance still consumes it: later.
             Err(e) => {
                 tracing::debug!(consumer = %config.name, %queue, error = %e, "retired queue not empty yet");
             }

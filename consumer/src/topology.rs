@@ -70,16 +70,27 @@ pub(crate) fn slot_args(index: u16, partitions: u16) -> FieldTable {
     args
 }
 
+/// What was there before this declaration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Before<'a> {
+    /// The recorded topology.
+    Recorded(&'a Topology),
+    /// Nothing recorded, but the consumer has inbox rows: it ran under an
+    /// earlier version, whose broker objects are cleared away.
+    EarlierVersion,
+    /// A new consumer.
+    Nothing,
+}
+
 /// Declares everything the consumer needs for `partitions` queues, removes
-/// what `before` (the recorded topology; `None` for a consumer not
-/// recorded yet, perhaps from an earlier version) bound that no longer
-/// applies, and returns the topology to record.
+/// what was bound `before` that no longer applies, and returns the
+/// topology to record.
 pub(crate) async fn declare(
     connection: &Connection,
     config: &ConsumerConfig,
     routes: &Routes,
     partitions: u16,
-    before: Option<&Topology>,
+    before: Before<'_>,
 ) -> Result<Topology> {
     let channel = open(connection).await?;
     let name = config.name.as_str();
@@ -141,7 +152,7 @@ pub(crate) async fn declare(
     // What an earlier count, or an earlier version, left behind.
     let mut candidates: Vec<String> = Vec::new();
     match before {
-        Some(before) => {
+        Before::Recorded(before) => {
             candidates.extend(before.retiring.iter().cloned());
             let old = before.current(name);
             if before.partitions != partitions {
@@ -157,7 +168,8 @@ pub(crate) async fn declare(
             }
             candidates.extend(old);
         }
-        None => candidates.extend(legacy(connection, config, &bindings).await?),
+        Before::EarlierVersion => candidates.extend(legacy(connection, config, &bindings).await?),
+        Before::Nothing => {}
     }
     let mut retiring = Vec::new();
     for queue in candidates {
@@ -386,6 +398,26 @@ struct Row {
     partitions: i32,
     #[diesel(sql_type = Array<Text>)]
     retiring: Vec<String>,
+}
+
+/// Whether `consumer` has inbox rows (it ran before).
+pub(crate) fn has_history(
+    conn: &mut PgConnection,
+    schema: &str,
+    consumer: &str,
+) -> diesel::QueryResult<bool> {
+    #[derive(QueryableByName)]
+    struct Flag {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        flag: bool,
+    }
+    diesel::sql_query(format!(
+        r#"SELECT EXISTS (SELECT 1 FROM "{schema}".inbox_keys WHERE consumer = $1)
+               OR EXISTS (SELECT 1 FROM "{schema}".inbox_messages WHERE consumer = $1) AS flag"#
+    ))
+    .bind::<Text, _>(consumer)
+    .get_result::<Flag>(conn)
+    .map(|f| f.flag)
 }
 
 /// The recorded topology of `consumer`, if any.

@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
+/// The longest wait between reconnect attempts, before jitter (which adds
+/// up to as much again).
+pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
+
 /// Exponential backoff with optional jitter, for failed publishes or
 /// handlers and for reconnecting to the database or broker.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -52,9 +56,15 @@ impl RetryPolicy {
         attempts >= self.max_attempts
     }
 
-    /// Delays for reconnecting: the same curve, never giving up.
+    /// Delays for reconnecting: the same curve, never giving up, and never
+    /// longer than [`RECONNECT_MAX_DELAY`] (plus jitter): a server that
+    /// comes back is found within seconds, and a connection attempt is
+    /// cheap.
     pub fn reconnect_delays(&self) -> impl Iterator<Item = Duration> + use<> {
-        self.builder().without_max_times().build()
+        self.builder()
+            .with_max_delay(self.max_delay.min(RECONNECT_MAX_DELAY).max(self.initial))
+            .without_max_times()
+            .build()
     }
 
     fn builder(&self) -> ExponentialBuilder {
@@ -124,6 +134,18 @@ mod tests {
                 "{d:?}"
             );
         }
+    }
+
+    #[test]
+    fn reconnects_are_tried_at_least_every_few_seconds() {
+        let p = no_jitter();
+        let delays: Vec<Duration> = p.reconnect_delays().take(12).collect();
+        assert_eq!(delays[0], Duration::from_secs(1));
+        assert!(
+            delays.iter().all(|d| *d <= RECONNECT_MAX_DELAY),
+            "{delays:?}"
+        );
+        assert_eq!(delays[11], RECONNECT_MAX_DELAY);
     }
 
     #[test]

@@ -20,8 +20,11 @@
 //! - [`demo`]: runs them all under load (with faults on request) and checks
 //!   every service's tables against what was ordered and each other.
 //! - [`http`], [`pool`]: a tiny HTTP client for the load, a tiny connection pool.
+//! - [`chaos`]: the fault suite (`shop-chaos`): relays, consumers and the
+//!   broker killed and restarted under load, then every event counted.
 
 pub mod billing;
+pub mod chaos;
 pub mod customers;
 pub mod demo;
 pub mod events;
