@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure PostgreSQL (127.0.0.1:5432, database `test`, trust auth for
-# local connections) and RabbitMQ (127.0.0.1:5672, guest/guest, with the
-# consistent-hash exchange plugin) are reachable. Starts them when they are
-# installed but down; installs them from Debian's packages when missing.
+# local connections) and RabbitMQ (127.0.0.1:5672, guest/guest) are
+# reachable. Starts them when they are installed but down; installs them
+# from Debian's packages when missing.
 # Safe to run again: does nothing when both are already up.
 set -euo pipefail
 
@@ -77,10 +77,6 @@ ensure_rabbitmq() {
     fi
     wait_port RabbitMQ 5672 120
     as_root rabbitmqctl -q await_startup --timeout 120 >/dev/null
-    if ! as_root rabbitmq-plugins -q list -e -m | grep -qx rabbitmq_consistent_hash_exchange; then
-        log "enabling rabbitmq_consistent_hash_exchange"
-        as_root rabbitmq-plugins -q enable rabbitmq_consistent_hash_exchange >/dev/null
-    fi
 }
 
 ensure_postgres

@@ -152,13 +152,14 @@ impl Item {
         }
     }
 
-    /// The message as the inbox sees it, with `after` for ordered ones.
-    fn incoming(&self, after: Option<i64>) -> Option<Incoming<'_>> {
+    /// The message as the inbox records it when settling it (no order
+    /// check, so no `after`).
+    fn incoming(&self) -> Option<Incoming<'_>> {
         match (&self.meta, &self.source) {
             (Ok(meta), _) => Some(Incoming {
                 message_id: meta.message_id,
                 key: meta.key(),
-                after,
+                after: None,
             }),
             // A held message whose properties did not decode: the table
             // row still says what it is.
@@ -786,9 +787,7 @@ impl Lane {
         match result? {
             AsyncOutcome::Done(outcome) => Ok(outcome),
             AsyncOutcome::Discarded(reason) => {
-                let held_behind = self
-                    .record_settled(&ready.item, ready.after, Settled::Discarded)
-                    .await?;
+                let held_behind = self.record_settled(&ready.item, Settled::Discarded).await?;
                 Ok(Outcome {
                     applied: Applied::Discarded(reason),
                     held_behind,
@@ -857,8 +856,7 @@ impl Lane {
     /// Records the message as settled without a handler (its key moves past
     /// it), then acks it.
     async fn settle(&mut self, item: Item, outcome: Settled) -> Finish<Item> {
-        let after = None;
-        match self.record_settled(&item, after, outcome).await {
+        match self.record_settled(&item, outcome).await {
             Ok(held_behind) => {
                 if held_behind {
                     self.woken.push(item.key.clone());
@@ -877,20 +875,14 @@ impl Lane {
     }
 
     /// The settle's transaction: whether messages of the key are held.
-    async fn record_settled(
-        &mut self,
-        item: &Item,
-        after: Option<i64>,
-        outcome: Settled,
-    ) -> Result<bool> {
-        let Some(incoming) = item.incoming(after) else {
+    async fn record_settled(&mut self, item: &Item, outcome: Settled) -> Result<bool> {
+        let Some(incoming) = item.incoming() else {
             // No id to record (an unreadable message id): nothing dedupes it.
             return Ok(false);
         };
-        let (message_id, key, after) = (
+        let (message_id, key) = (
             incoming.message_id,
             incoming.key.map(|(k, s)| (k.to_owned(), s)),
-            incoming.after,
         );
         let held = matches!(item.source, Source::Held { .. });
         let inbox = self.shared.inbox.clone();
@@ -899,7 +891,7 @@ impl Lane {
                 let incoming = Incoming {
                     message_id,
                     key: key.as_ref().map(|(k, s)| (k.as_str(), *s)),
-                    after,
+                    after: None,
                 };
                 if held {
                     inbox.settle_held(conn, incoming, outcome)

@@ -47,6 +47,9 @@ pub(super) async fn watch(
 ) {
     let mut since: HashMap<String, Instant> = HashMap::new();
     let mut connection: Option<lapin::Connection> = None;
+    // One channel for the probes, made anew only when one fails (a missing
+    // queue closes it): a channel per probe would load the broker.
+    let mut channel: Option<lapin::Channel> = None;
     let mut queues: Vec<String> = Vec::new();
     let mut last_read = Instant::now() - Duration::from_secs(10);
     loop {
@@ -62,10 +65,11 @@ pub(super) async fn watch(
         }
         if broker.down.load(Ordering::Relaxed) {
             since.clear();
-            connection = None;
+            (connection, channel) = (None, None);
             continue;
         }
         if !connection.as_ref().is_some_and(|c| c.status().connected()) {
+            channel = None;
             connection =
                 lapin::Connection::connect(&amqp_url, lapin::ConnectionProperties::default())
                     .await
@@ -75,7 +79,14 @@ pub(super) async fn watch(
             continue;
         };
         for queue in &queues {
-            let Some(consumers) = consumers(conn, queue).await else {
+            if !channel.as_ref().is_some_and(|c| c.status().connected()) {
+                channel = conn.create_channel().await.ok();
+            }
+            let Some(ch) = channel.as_ref() else {
+                break;
+            };
+            let Some(consumers) = consumers(ch, queue).await else {
+                channel = None;
                 continue;
             };
             let now = Instant::now();
@@ -93,10 +104,9 @@ pub(super) async fn watch(
     }
 }
 
-/// Consumers on `queue`; `None` when it cannot be probed (missing, or the
-/// connection failed).
-async fn consumers(conn: &lapin::Connection, queue: &str) -> Option<u32> {
-    let channel = conn.create_channel().await.ok()?;
+/// Consumers on `queue`; `None` when it cannot be probed (missing: the
+/// channel is then closed; or the connection failed).
+async fn consumers(channel: &lapin::Channel, queue: &str) -> Option<u32> {
     let q = channel
         .queue_declare(
             queue.into(),
@@ -108,7 +118,6 @@ async fn consumers(conn: &lapin::Connection, queue: &str) -> Option<u32> {
         )
         .await
         .ok()?;
-    let _ = channel.close(200, "probed".into()).await;
     Some(q.consumer_count())
 }
 
