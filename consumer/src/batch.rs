@@ -17,7 +17,7 @@ use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use uuid::Uuid;
 
 use crate::handler::HandlerResult;
-use crate::inbox::{AheadPolicy, Applied, Check, Inbox, Incoming, Outcome, out_of_turn};
+use crate::inbox::{AheadPolicy, Applied, Check, Inbox, Incoming, Outcome};
 use crate::{Error, Result};
 
 /// One message of a batch, with its handler call.
@@ -104,7 +104,9 @@ pub(crate) fn apply_batch(
         // for nothing.
         for call in &calls {
             if let Some(last) = fresh.get(&call.fresh_key())
-                && out_of_turn(*last, call.incoming(), Check::Order(call.ahead)).is_some()
+                && inbox
+                    .out_of_turn(*last, call.incoming(), Check::Order(call.ahead))
+                    .is_some()
             {
                 return Err(Bail::Careful);
             }
@@ -119,7 +121,7 @@ pub(crate) fn apply_batch(
                 continue;
             }
             let _entered = call.span.enter();
-            (call.f)(conn).map_err(|_| Bail::Careful)?;
+            crate::inbox::catch_panic(conn, call.f).map_err(|_| Bail::Careful)?;
             if let Some((key, seq)) = call.key {
                 moved.0.push(key);
                 moved.1.push(seq);

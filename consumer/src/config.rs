@@ -63,6 +63,12 @@ pub struct ConsumerConfig {
     pub partitions: u16,
     /// Unacknowledged deliveries per queue the broker sends ahead. Defaults to 256.
     pub prefetch: u16,
+    /// Bytes of message bodies an instance may hold unsettled; above it the
+    /// broker is asked to send nothing more (a per-channel prefetch of 1)
+    /// until half of it is settled. What was already on its way when the
+    /// limit was crossed still arrives, so the bound is this plus at most
+    /// one prefetch window of messages in transit. Defaults to 32 MiB.
+    pub max_bytes_in_flight: usize,
     /// Handlers running at once, each with its own database connection.
     /// Defaults to 8.
     pub lanes: usize,
@@ -85,6 +91,21 @@ pub struct ConsumerConfig {
     pub gap_wait: Duration,
     /// See [`GapPolicy`]. Defaults to apply.
     pub after_gap: GapPolicy,
+    /// How far beyond its key's position a message's `x-key-seq` may be;
+    /// beyond that it is dead-lettered as malformed, because applying it
+    /// would make every real event of the key late. Defaults to 1,000,000.
+    pub max_ahead: i64,
+    /// Bounds on the handlers' database sessions, so a frozen instance (a
+    /// paused VM, SIGSTOP) cannot block others for long: its transaction is
+    /// ended by PostgreSQL after `idle_in_transaction_timeout`, and a lane
+    /// waiting for a key it locks gives up after `lock_timeout` and tries
+    /// again later. `statement_timeout` bounds each statement, the
+    /// handlers' included. Defaults: 10 s, 60 s, 60 s.
+    pub lock_timeout: Duration,
+    /// See [`ConsumerConfig::lock_timeout`].
+    pub idle_in_transaction_timeout: Duration,
+    /// See [`ConsumerConfig::lock_timeout`].
+    pub statement_timeout: Duration,
     /// See [`LatePolicy`]. Defaults to dead-letter.
     pub late: LatePolicy,
     /// See [`UnknownPolicy`]. Defaults to dead-letter.
@@ -139,6 +160,7 @@ impl ConsumerConfig {
             schema: "public".to_owned(),
             partitions: 1,
             prefetch: 256,
+            max_bytes_in_flight: 32 * 1024 * 1024,
             lanes: 8,
             batch_size: 32,
             retry: RetryPolicy {
@@ -150,6 +172,10 @@ impl ConsumerConfig {
             },
             gap_wait: Duration::from_secs(10),
             after_gap: GapPolicy::Apply,
+            max_ahead: crate::inbox::DEFAULT_MAX_AHEAD,
+            lock_timeout: Duration::from_secs(10),
+            idle_in_transaction_timeout: Duration::from_secs(60),
+            statement_timeout: Duration::from_secs(60),
             late: LatePolicy::DeadLetter,
             unknown: UnknownPolicy::DeadLetter,
             dedupe_retention: Duration::from_secs(7 * 24 * 3600),
@@ -215,6 +241,12 @@ impl ConsumerConfig {
         if self.prefetch == 0 {
             return bad("prefetch", "must be at least 1".into());
         }
+        if self.max_bytes_in_flight < 64 * 1024 {
+            return bad(
+                "max_bytes_in_flight",
+                format!("must be at least 64 KiB, got {}", self.max_bytes_in_flight),
+            );
+        }
         if self.batch_size == 0 || self.batch_size > 1000 {
             return bad(
                 "batch_size",
@@ -237,6 +269,24 @@ impl ConsumerConfig {
         }
         if self.prune_interval.is_zero() {
             return bad("prune_interval", "must be above 0".into());
+        }
+        if self.max_ahead < 1 {
+            return bad(
+                "max_ahead",
+                format!("must be at least 1, got {}", self.max_ahead),
+            );
+        }
+        for (field, value) in [
+            ("lock_timeout", self.lock_timeout),
+            (
+                "idle_in_transaction_timeout",
+                self.idle_in_transaction_timeout,
+            ),
+            ("statement_timeout", self.statement_timeout),
+        ] {
+            if value < Duration::from_millis(100) || value > Duration::from_secs(24 * 3600) {
+                return bad(field, format!("must be 100 ms to 24 h, got {value:?}"));
+            }
         }
         outbox::Config {
             schema: self.schema.clone(),
@@ -263,6 +313,17 @@ impl ConsumerConfig {
     /// a fanout exchange feeding the first queue.
     pub fn unslotted_exchange(&self) -> String {
         format!("{}.unslotted", self.name)
+    }
+
+    /// The session settings of a handler's database connection.
+    pub(crate) fn session_settings(&self) -> String {
+        format!(
+            "SET lock_timeout = {}; SET idle_in_transaction_session_timeout = {}; \
+             SET statement_timeout = {}",
+            self.lock_timeout.as_millis(),
+            self.idle_in_transaction_timeout.as_millis(),
+            self.statement_timeout.as_millis()
+        )
     }
 
     /// The consistent-hash exchange of earlier versions (removed at start).

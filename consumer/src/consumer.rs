@@ -25,6 +25,9 @@ pub(crate) struct Shared {
     pub(crate) routes: Routes,
     pub(crate) inbox: Inbox,
     pub(crate) counters: Counters,
+    /// This instance's id (its rank among the live ones; in its broker
+    /// connection's name and its logs, to tell instances apart).
+    pub(crate) instance: uuid::Uuid,
     /// Poked when the recorded topology changed, so membership looks now.
     pub(crate) membership_changed: Notify,
     /// The queues the current session consumes (for [`Consumer::queues`]).
@@ -120,13 +123,15 @@ impl ConsumerBuilder {
                 reason,
             })?;
         }
-        let inbox = Inbox::new(&self.config.name, &self.config.schema)?;
+        let inbox = Inbox::new(&self.config.name, &self.config.schema)?
+            .with_max_ahead(self.config.max_ahead);
         Ok(Consumer {
             shared: Arc::new(Shared {
                 config: self.config,
                 routes: Routes(self.routes),
                 inbox,
                 counters: Counters::default(),
+                instance: uuid::Uuid::now_v7(),
                 membership_changed: Notify::new(),
                 subscribed: Mutex::new(Vec::new()),
                 connections: Mutex::new(Vec::new()),
@@ -214,7 +219,7 @@ impl Consumer {
         let config = &shared.config;
         let stop_tasks = shutdown.child_token();
         let (assignment_tx, mut assignment) = watch::channel::<Option<Assignment>>(None);
-        let member = members::Member::new(&config.schema, &config.name);
+        let member = members::Member::new(&config.schema, &config.name, shared.instance);
         let membership = tokio::spawn(membership(
             Arc::clone(shared),
             member,
@@ -259,7 +264,7 @@ impl Consumer {
                         }
                     })
                 };
-                tracing::info!(consumer = %config.name, queues = ?queues.queues, "consumer session starting");
+                tracing::info!(consumer = %config.name, instance = %shared.instance, queues = ?queues.queues, "consumer session starting");
                 let ended = session::consume(shared, &conn, &queues, &end).await;
                 watcher.abort();
                 if ended.is_ok() && conn.status().connected() {
@@ -425,7 +430,7 @@ async fn membership(
             }
             Err(e) => {
                 tracing::error!(consumer = %config.name, error = %e, "membership task failed");
-                return members::Member::new(&config.schema, &config.name);
+                return members::Member::new(&config.schema, &config.name, shared.instance);
             }
         };
         match view {
@@ -445,7 +450,7 @@ async fn membership(
                     if *current == next || next.is_none() {
                         false
                     } else {
-                        tracing::info!(consumer = %config.name, instances = view.live.len(), queues = ?next.as_ref().map(|a| &a.queues), "queues assigned");
+                        tracing::info!(consumer = %config.name, instance = %member.instance, instances = view.live.len(), queues = ?next.as_ref().map(|a| &a.queues), "queues assigned");
                         *current = next;
                         true
                     }

@@ -106,6 +106,19 @@ pub(crate) fn read(
             )));
         }
     };
+    // The producer's rule (1 to 255 bytes), and no NUL, which PostgreSQL
+    // text cannot hold: anything else would fail the inbox's statements the
+    // same way on every delivery.
+    if let Some(key) = &ordering_key
+        && (key.is_empty() || key.len() > outbox::MAX_NAME_BYTES || key.contains('\0'))
+    {
+        return Err(bad(format!(
+            "{ORDERING_KEY_HEADER} must be 1 to {} bytes without NUL, got {} bytes {:?}",
+            outbox::MAX_NAME_BYTES,
+            key.len(),
+            truncate(key)
+        )));
+    }
     let key_seq = match (&ordering_key, headers.inner().get(KEY_SEQ_HEADER)) {
         (None, _) => None,
         (Some(_), None) => {
@@ -325,5 +338,284 @@ mod tests {
         )
         .unwrap_err();
         assert!(bad.reason.contains("not a UUID"), "{}", bad.reason);
+    }
+}
+
+/// Arbitrary properties never make [`read`] panic: a delivery is either
+/// read or malformed (and dead-lettered). Here, not in `tests/`, because
+/// [`read`] is `pub(crate)`.
+#[cfg(test)]
+mod never_panics {
+    use lapin::BasicProperties;
+    use lapin::types::{AMQPValue, DecimalValue, FieldTable, LongString, ShortString};
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::sample::select;
+
+    use super::read;
+
+    /// The header names the consumer reads, and neighbours of them.
+    const NAMES: &[&str] = &[
+        "x-ordering-key",
+        "x-key-seq",
+        "x-key-prev",
+        "x-key-prev-any",
+        "x-event-version",
+        "x-dead-letter-replay",
+        "x-original-exchange",
+        "x-original-routing-key",
+        "X-Key-Seq",
+        "traceparent",
+        "",
+    ];
+
+    /// A `String` of at most `max` bytes (a `ShortString` holds 255).
+    fn text(max: usize) -> impl Strategy<Value = String> {
+        prop_oneof![
+            vec(any::<char>(), 0..=max),
+            // Runs of one character, around the 255-byte limits.
+            (select(vec!['a', '\u{0}', 'é', '\u{10ffff}']), 0..=max).prop_map(|(c, n)| vec![c; n]),
+        ]
+        .prop_map(move |chars| {
+            let mut s = String::new();
+            for c in chars {
+                if s.len() + c.len_utf8() > max {
+                    break;
+                }
+                s.push(c);
+            }
+            s
+        })
+    }
+
+    /// Arbitrary bytes up to ~400, or text (integers, UUIDs) the consumer
+    /// may parse.
+    fn bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            vec(any::<u8>(), 0..400),
+            text(400).prop_map(String::into_bytes),
+            any::<i64>().prop_map(|n| n.to_string().into_bytes()),
+            any::<u128>().prop_map(|n| uuid::Uuid::from_u128(n).to_string().into_bytes()),
+            Just(b"9223372036854775808".to_vec()),
+            Just(b"-0".to_vec()),
+        ]
+    }
+
+    fn name() -> impl Strategy<Value = ShortString> {
+        prop_oneof![select(NAMES).prop_map(str::to_owned), text(255)].prop_map(ShortString::from)
+    }
+
+    /// Any integer, in every width.
+    fn integer() -> impl Strategy<Value = AMQPValue> {
+        prop_oneof![
+            any::<i8>().prop_map(AMQPValue::ShortShortInt),
+            any::<u8>().prop_map(AMQPValue::ShortShortUInt),
+            any::<i16>().prop_map(AMQPValue::ShortInt),
+            any::<u16>().prop_map(AMQPValue::ShortUInt),
+            any::<i32>().prop_map(AMQPValue::LongInt),
+            any::<u32>().prop_map(AMQPValue::LongUInt),
+            any::<i64>().prop_map(AMQPValue::LongLongInt),
+            select(vec![i64::MIN, -1, 0, 1, 2, i64::MAX]).prop_map(AMQPValue::LongLongInt),
+            any::<u64>().prop_map(AMQPValue::Timestamp),
+        ]
+    }
+
+    /// Any value but a table or an array.
+    fn scalar() -> BoxedStrategy<AMQPValue> {
+        prop_oneof![
+            3 => integer(),
+            1 => any::<bool>().prop_map(AMQPValue::Boolean),
+            1 => any::<f32>().prop_map(AMQPValue::Float),
+            1 => any::<f64>().prop_map(AMQPValue::Double),
+            1 => (any::<u8>(), any::<u32>())
+                .prop_map(|(scale, value)| AMQPValue::DecimalValue(DecimalValue { scale, value })),
+            1 => text(255).prop_map(|s| AMQPValue::ShortString(s.into())),
+            3 => bytes().prop_map(|b| AMQPValue::LongString(LongString::from(b))),
+            1 => vec(any::<u8>(), 0..64).prop_map(|b| AMQPValue::ByteArray(b.into())),
+            1 => Just(AMQPValue::Void),
+        ]
+        .boxed()
+    }
+
+    fn table_of(values: impl Strategy<Value = AMQPValue>) -> impl Strategy<Value = FieldTable> {
+        vec((name(), values), 0..8).prop_map(|entries| {
+            let mut table = FieldTable::default();
+            for (k, v) in entries {
+                table.insert(k, v);
+            }
+            table
+        })
+    }
+
+    /// `x-key-prev`'s shape: `{exchange: {routing key: integer}}`.
+    fn key_prev() -> BoxedStrategy<AMQPValue> {
+        vec((text(255), table_of(integer())), 0..4)
+            .prop_map(|routes| {
+                let mut table = FieldTable::default();
+                for (exchange, keys) in routes {
+                    table.insert(exchange.into(), AMQPValue::FieldTable(keys));
+                }
+                AMQPValue::FieldTable(table)
+            })
+            .boxed()
+    }
+
+    /// Any value, tables and arrays nested up to 4 levels.
+    fn value() -> BoxedStrategy<AMQPValue> {
+        scalar()
+            .prop_recursive(4, 64, 8, |inner| {
+                prop_oneof![
+                    vec(inner.clone(), 0..8).prop_map(|v| AMQPValue::FieldArray(v.into())),
+                    table_of(inner).prop_map(AMQPValue::FieldTable),
+                    key_prev(),
+                ]
+            })
+            .boxed()
+    }
+
+    /// Headers: mostly plausible ordering headers (so the checks after the
+    /// first ones run too), then arbitrary entries over them.
+    fn headers() -> BoxedStrategy<Option<FieldTable>> {
+        let key = prop_oneof![
+            // A key as producers write them, or any text up to 255 bytes
+            // or around the limits, or anything.
+            4 => vec(select(&b"abcz09-_.:"[..]), 1..=255)
+                .prop_map(|b| AMQPValue::LongString(b.into())),
+            2 => text(255).prop_map(|s| AMQPValue::LongString(s.into())),
+            1 => text(255).prop_map(|s| AMQPValue::ShortString(s.into())),
+            1 => text(300).prop_map(|s| AMQPValue::LongString(s.into())),
+            1 => value(),
+        ];
+        let seq = prop_oneof![3 => integer(), 1 => value()];
+        // Where a replay was first published.
+        let place = || {
+            prop_oneof![
+                3 => bytes().prop_map(|b| AMQPValue::LongString(b.into())),
+                1 => value(),
+            ]
+        };
+        let ordered = (
+            proptest::option::weighted(0.9, key),
+            proptest::option::weighted(0.9, seq),
+            proptest::option::weighted(0.6, prop_oneof![3 => key_prev(), 1 => value()]),
+            proptest::option::weighted(0.5, prop_oneof![3 => integer(), 1 => value()]),
+            proptest::option::of(prop_oneof![
+                3 => any::<bool>().prop_map(AMQPValue::Boolean),
+                1 => value(),
+            ]),
+            proptest::option::of(prop_oneof![integer(), value()]),
+            proptest::option::of(place()),
+            proptest::option::of(place()),
+        );
+        proptest::option::weighted(0.95, (ordered, table_of(value())))
+            .prop_map(|h| {
+                let ((key, seq, prev, prev_any, replay, version, exchange, routing_key), extra) =
+                    h?;
+                let mut table = FieldTable::default();
+                for (name, v) in [
+                    ("x-ordering-key", key),
+                    ("x-key-seq", seq),
+                    ("x-key-prev", prev),
+                    ("x-key-prev-any", prev_any),
+                    ("x-dead-letter-replay", replay),
+                    ("x-event-version", version),
+                    ("x-original-exchange", exchange),
+                    ("x-original-routing-key", routing_key),
+                ] {
+                    if let Some(v) = v {
+                        table.insert(name.into(), v);
+                    }
+                }
+                for (k, v) in extra.inner() {
+                    table.insert(k.clone(), v.clone());
+                }
+                Some(table)
+            })
+            .boxed()
+    }
+
+    fn any_properties() -> impl Strategy<Value = BasicProperties> {
+        // Mostly readable, so that the headers are read too.
+        let message_id = prop_oneof![
+            6 => any::<u128>().prop_map(|n| uuid::Uuid::from_u128(n).to_string()),
+            1 => any::<u128>().prop_map(|n| uuid::Uuid::from_u128(n).simple().to_string()),
+            1 => text(255),
+        ];
+        (
+            proptest::option::weighted(0.95, message_id),
+            proptest::option::of(text(255)),
+            headers(),
+        )
+            .prop_map(|(id, kind, headers)| {
+                let mut p = BasicProperties::default();
+                if let Some(id) = id {
+                    p = p.with_message_id(id.into());
+                }
+                if let Some(kind) = kind {
+                    p = p.with_type(kind.into());
+                }
+                if let Some(headers) = headers {
+                    p = p.with_headers(headers);
+                }
+                p
+            })
+    }
+
+    /// Whether lapin can parse `value` off the wire.
+    fn parsable(value: &AMQPValue) -> bool {
+        match value {
+            AMQPValue::ShortString(_) => false,
+            AMQPValue::FieldArray(values) => values.as_slice().iter().all(parsable),
+            AMQPValue::FieldTable(table) => table.inner().values().all(parsable),
+            _ => true,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn reading_arbitrary_properties_never_panics(
+            properties in any_properties(),
+            exchange in text(255),
+            routing_key in text(255),
+            redelivered in any::<bool>(),
+        ) {
+            let result = read(&exchange, &routing_key, redelivered, &properties);
+            // And what the lane does next with a message read.
+            match &result {
+                Ok(meta) => {
+                    let _ = meta.key();
+                    for name in NAMES {
+                        let _ = meta.header_str(name);
+                    }
+                    if let (Some(prev), Some(seq)) = (&meta.key_prev, meta.key_seq) {
+                        let after = prev.predecessor(|_, _| true);
+                        let _ = crate::sequence::position(0, seq, after);
+                    }
+                    prop_assert!(meta.key_seq.is_none_or(|s| s >= 1));
+                    if let Some(key) = &meta.ordering_key {
+                        prop_assert!(!key.is_empty() && key.len() <= 255 && !key.contains('\0'));
+                    }
+                }
+                Err(bad) => prop_assert!(!bad.reason.is_empty()),
+            }
+            // A message held ahead of its key is stored with its properties
+            // and read again from them: the same way. Only for values a
+            // delivery can hold: lapin parses no type into a `ShortString`
+            // value (it writes one as `_`, which it cannot read back).
+            let from_the_wire = properties
+                .headers()
+                .as_ref()
+                .is_none_or(|h| h.inner().values().all(parsable));
+            if from_the_wire {
+                let stored = crate::held::encode_properties(&properties)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let loaded = crate::held::decode_properties(&stored)
+                    .map_err(TestCaseError::fail)?;
+                let again = read(&exchange, &routing_key, redelivered, &loaded);
+                prop_assert_eq!(format!("{again:?}"), format!("{result:?}"));
+            }
+        }
     }
 }

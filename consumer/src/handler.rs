@@ -34,7 +34,7 @@ pub(crate) trait Erased: Send + Sync {
 
 /// The typed envelope of a delivery; `Err` says why the body does not fit `E`.
 fn envelope<E: DeserializeOwned>(meta: &Meta, body: &[u8]) -> Result<Envelope<E>, String> {
-    let event = serde_json::from_slice(body).map_err(|e| {
+    let event = crate::strict::from_slice(body).map_err(|e| {
         format!(
             "body does not deserialize as {}: {e}",
             std::any::type_name::<E>()

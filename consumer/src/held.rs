@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::AheadPolicy;
 use crate::inbox::{
     Abort, Applied, Check, HandlerError, HeldCount, Inbox, Incoming, Outcome, Query, Settled,
-    held_behind, out_of_turn,
+    held_behind,
 };
 use crate::sequence::{Position, position};
 use crate::{Error, Result};
@@ -219,7 +219,7 @@ impl Inbox {
             {
                 return Err(Abort::Outcome(Applied::Duplicate));
             }
-            if let Some(outcome) = out_of_turn(Some(last), message, check) {
+            if let Some(outcome) = self.out_of_turn(Some(last), message, check) {
                 return Err(Abort::Outcome(outcome));
             }
             self.handle(conn, message, 1, handler)

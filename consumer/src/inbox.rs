@@ -111,6 +111,15 @@ pub enum Applied {
     },
     /// The handler discarded it; recorded, and the key moved past it.
     Discarded(String),
+    /// Its `x-key-seq` is more than `max` beyond the key's position: not a
+    /// gap that will fill, but a bad sequence number. Nothing ran; the
+    /// caller dead-letters it (the key stays where it is).
+    TooFarAhead {
+        /// The key's last applied sequence number.
+        last: i64,
+        /// The limit ([`Inbox::with_max_ahead`]).
+        max: i64,
+    },
 }
 
 /// How a message was settled without its handler running, as recorded in
@@ -152,23 +161,36 @@ impl From<Applied> for Outcome {
     }
 }
 
-/// The outcome for a message that must not run now (held or late), given
-/// its key's position `last`; `None` when its handler runs.
-pub(crate) fn out_of_turn(
-    last: Option<i64>,
-    message: Incoming<'_>,
-    check: Check,
-) -> Option<Applied> {
-    let (Some(last), Some((_, seq)), Some(after), Check::Order(ahead)) =
-        (last, message.key, message.after_seq(), check)
-    else {
-        return None;
-    };
-    match position(last, seq, after) {
-        Position::Next => None,
-        Position::Ahead { .. } if ahead == AheadPolicy::Apply => None,
-        Position::Ahead { .. } => Some(Applied::Held { last }),
-        Position::Behind { last } => Some(Applied::Late { last }),
+impl Inbox {
+    /// The outcome for a message that must not run now (held, late, or too
+    /// far ahead to be real), given its key's position `last`; `None` when
+    /// its handler runs.
+    pub(crate) fn out_of_turn(
+        &self,
+        last: Option<i64>,
+        message: Incoming<'_>,
+        check: Check,
+    ) -> Option<Applied> {
+        let (Some(last), Some((_, seq)), Some(after), Check::Order(ahead)) =
+            (last, message.key, message.after_seq(), check)
+        else {
+            return None;
+        };
+        match position(last, seq, after) {
+            Position::Next => None,
+            // A sequence number far beyond the key's position is not a gap
+            // that will fill: applied, it would make every real event of
+            // the key late, forever.
+            Position::Ahead { .. } if seq.saturating_sub(last) > self.max_ahead => {
+                Some(Applied::TooFarAhead {
+                    last,
+                    max: self.max_ahead,
+                })
+            }
+            Position::Ahead { .. } if ahead == AheadPolicy::Apply => None,
+            Position::Ahead { .. } => Some(Applied::Held { last }),
+            Position::Behind { last } => Some(Applied::Late { last }),
+        }
     }
 }
 
@@ -195,7 +217,13 @@ pub struct Inbox {
     keys_table: String,
     messages_table: String,
     held_table: String,
+    /// How far beyond its key's position a sequence number may be.
+    max_ahead: i64,
 }
+
+/// The default of [`Inbox::with_max_ahead`]: a million events of one key
+/// between two a consumer receives is beyond any real gap.
+pub const DEFAULT_MAX_AHEAD: i64 = 1_000_000;
 
 /// What recording a message found: the key's position before it (NULL
 /// when unordered).
@@ -253,7 +281,17 @@ impl Inbox {
             keys_table: format!(r#""{schema}".inbox_keys"#),
             messages_table: format!(r#""{schema}".inbox_messages"#),
             held_table: format!(r#""{schema}".inbox_held"#),
+            max_ahead: DEFAULT_MAX_AHEAD,
         })
+    }
+
+    /// Sets how far beyond its key's position a message's `x-key-seq` may
+    /// be before it counts as malformed ([`Applied::TooFarAhead`]). Defaults
+    /// to [`DEFAULT_MAX_AHEAD`].
+    #[must_use]
+    pub fn with_max_ahead(mut self, max_ahead: i64) -> Self {
+        self.max_ahead = max_ahead.max(1);
+        self
     }
 
     /// Handles one delivery in one transaction: locks the key's position,
@@ -371,7 +409,7 @@ impl Inbox {
             else {
                 return Err(Abort::Outcome(Applied::Duplicate));
             };
-            if let Some(outcome) = out_of_turn(last.last_seq, message, check) {
+            if let Some(outcome) = self.out_of_turn(last.last_seq, message, check) {
                 return Err(Abort::Outcome(outcome));
             }
             self.handle(conn, message, 0, handler)
@@ -391,7 +429,7 @@ impl Inbox {
     where
         F: FnOnce(&mut PgConnection) -> std::result::Result<(), HandlerError>,
     {
-        match handler(conn) {
+        match catch_panic(conn, handler) {
             Ok(()) => {
                 let held = self
                     .after_handler_query(message, released)
@@ -428,6 +466,35 @@ impl Inbox {
             }
             other => finish(other),
         }
+    }
+}
+
+/// Runs a handler, turning a panic into a retry that counts as an attempt:
+/// the panic is caught before it unwinds through the transaction (which is
+/// then rolled back as for any retry), so it neither kills the lane nor
+/// escapes the attempt count, and after the last attempt the message is
+/// dead-lettered with the panic's message.
+pub(crate) fn catch_panic<F>(
+    conn: &mut PgConnection,
+    handler: F,
+) -> std::result::Result<(), HandlerError>
+where
+    F: FnOnce(&mut PgConnection) -> std::result::Result<(), HandlerError>,
+{
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(conn)))
+        .unwrap_or_else(|panic| Err(panicked(panic.as_ref())))
+}
+
+/// The retry a handler's panic becomes.
+pub(crate) fn panicked(panic: &(dyn std::any::Any + Send)) -> HandlerError {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned());
+    HandlerError::Retry {
+        after: None,
+        reason: format!("handler panicked: {message}"),
     }
 }
 

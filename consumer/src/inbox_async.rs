@@ -8,7 +8,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use crate::handler::{BoxFuture, HandlerResult};
 use crate::inbox::{
     Abort, Applied, Check, HandlerError, HeldCount, Inbox, Incoming, Outcome, Recorded, Takeover,
-    finish, held_behind, out_of_turn,
+    finish, held_behind,
 };
 use crate::{Error, Result};
 
@@ -16,15 +16,22 @@ use crate::{Error, Result};
 pub(crate) type AsyncCall =
     Box<dyn for<'c> FnOnce(&'c mut AsyncPgConnection) -> BoxFuture<'c, HandlerResult> + Send>;
 
-/// Connects a lane's async connection.
-pub(crate) async fn connect(url: &str) -> Result<AsyncPgConnection> {
-    AsyncPgConnection::establish(url)
+/// Connects a lane's async connection, with the session bounds of the
+/// config.
+pub(crate) async fn connect(config: &crate::ConsumerConfig) -> Result<AsyncPgConnection> {
+    use diesel_async::SimpleAsyncConnection;
+    let failed = |cause: String| Error::Connect {
+        what: "database",
+        url: outbox::redact_url(&config.database_url),
+        cause,
+    };
+    let mut conn = AsyncPgConnection::establish(&config.database_url)
         .await
-        .map_err(|e| Error::Connect {
-            what: "database",
-            url: outbox::redact_url(url),
-            cause: e.to_string(),
-        })
+        .map_err(|e| failed(e.to_string()))?;
+    conn.batch_execute(&config.session_settings())
+        .await
+        .map_err(|e| failed(format!("setting the session bounds: {e}")))?;
+    Ok(conn)
 }
 
 /// Whether a handler's transaction ended in a discard, which is recorded
@@ -57,7 +64,7 @@ impl Inbox {
                 else {
                     return Err(Abort::Outcome(Applied::Duplicate));
                 };
-                if let Some(outcome) = out_of_turn(last.last_seq, message, check) {
+                if let Some(outcome) = self.out_of_turn(last.last_seq, message, check) {
                     return Err(Abort::Outcome(outcome));
                 }
                 run_handler(self, conn, message, 0, handler).await
@@ -92,7 +99,7 @@ impl Inbox {
                 {
                     return Err(Abort::Outcome(Applied::Duplicate));
                 }
-                if let Some(outcome) = out_of_turn(Some(last), message, check) {
+                if let Some(outcome) = self.out_of_turn(Some(last), message, check) {
                     return Err(Abort::Outcome(outcome));
                 }
                 run_handler(self, conn, message, 1, handler).await
@@ -111,7 +118,15 @@ async fn run_handler(
     released: i32,
     handler: AsyncCall,
 ) -> std::result::Result<Outcome, Abort> {
-    match handler(conn).await {
+    use futures_util::FutureExt;
+    use std::panic::AssertUnwindSafe;
+    // A panic, in making the future or in running it, is a retry that
+    // counts as an attempt (see `inbox::catch_panic`).
+    let ran = match std::panic::catch_unwind(AssertUnwindSafe(|| handler(conn))) {
+        Ok(future) => AssertUnwindSafe(future).catch_unwind().await,
+        Err(panic) => Err(panic),
+    };
+    match ran.unwrap_or_else(|panic| Err(crate::inbox::panicked(panic.as_ref()))) {
         Ok(()) => {
             let held = inbox
                 .after_handler_query(message, released)

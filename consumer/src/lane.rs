@@ -56,6 +56,8 @@ pub(crate) struct Item {
     attempts: u32,
     /// A held message whose key has not moved for the gap wait.
     gap_expired: bool,
+    /// Settle it without moving its key (its sequence number is bogus).
+    keep_key: bool,
 }
 
 impl Item {
@@ -140,7 +142,13 @@ impl Item {
             seq,
             attempts: 0,
             gap_expired: false,
+            keep_key: false,
         }
+    }
+
+    /// The bytes the message holds in memory (its body).
+    pub(crate) fn size(&self) -> usize {
+        self.body.len()
     }
 
     /// The id of a held message (for the session's list of those it has).
@@ -158,7 +166,7 @@ impl Item {
         match (&self.meta, &self.source) {
             (Ok(meta), _) => Some(Incoming {
                 message_id: meta.message_id,
-                key: meta.key(),
+                key: meta.key().filter(|_| !self.keep_key),
                 after: None,
             }),
             // A held message whose properties did not decode: the table
@@ -188,6 +196,8 @@ pub(crate) struct Finished {
     pub(crate) finish: Finish<Item>,
     /// The subscription the message came from, if it was a delivery.
     pub(crate) queue: Option<usize>,
+    /// The delivery's size, for the session's byte budget.
+    pub(crate) bytes: usize,
     /// The id of a held message (settled, or left in the table).
     pub(crate) held: Option<Uuid>,
 }
@@ -201,10 +211,12 @@ impl Finished {
             Source::Held { .. } => None,
         };
         let held = item.held_id();
+        let bytes = item.size();
         move |finish| Finished {
             key,
             finish,
             queue,
+            bytes,
             held,
         }
     }
@@ -544,6 +556,15 @@ impl Lane {
                 // Still waiting; it stays in the table.
                 Source::Held { .. } => Finish::Done,
             },
+            Applied::TooFarAhead { last, max } => {
+                let reason = format!(
+                    "malformed message: key_seq {} is more than {max} beyond the key's position {last}",
+                    item.seq
+                );
+                let mut item = item;
+                item.keep_key = true;
+                self.dead_letter(item, reason).await
+            }
             Applied::Late { last } => {
                 Counters::add(&counters.late);
                 let reason = format!(
@@ -562,7 +583,7 @@ impl Lane {
                     return self.dead_letter(item, reason).await;
                 }
                 let delay = after.unwrap_or_else(|| retry.delay(item.attempts));
-                tracing::info!(parent: &span, %reason, ?delay, "handler asked to retry");
+                tracing::info!(parent: &span, %reason, ?delay, attempts = item.attempts, "handler did not succeed; will retry");
                 Finish::RetryAt(item, Instant::now() + delay)
             }
         }
@@ -767,7 +788,7 @@ impl Lane {
         };
         let mut conn = match self.async_conn.take() {
             Some(c) => c,
-            None => crate::inbox_async::connect(&self.shared.config.database_url).await?,
+            None => crate::inbox_async::connect(&self.shared.config).await?,
         };
         let inbox = self.shared.inbox.clone();
         let check = ready.order.check();
@@ -804,22 +825,13 @@ impl Lane {
         F: FnOnce(&mut PgConnection) -> Result<T> + Send + 'static,
     {
         let conn = self.conn.take();
-        let url = self.shared.config.database_url.clone();
+        let shared = Arc::clone(&self.shared);
         let (conn, result) = tokio::task::spawn_blocking(move || {
             let mut conn = match conn {
                 Some(conn) => conn,
-                None => match PgConnection::establish(&url) {
+                None => match connect(&shared.config) {
                     Ok(conn) => conn,
-                    Err(e) => {
-                        return (
-                            None,
-                            Err(Error::Connect {
-                                what: "database",
-                                url: outbox::redact_url(&url),
-                                cause: e.to_string(),
-                            }),
-                        );
-                    }
+                    Err(e) => return (None, Err(e)),
                 },
             };
             let result = f(&mut conn);
@@ -923,8 +935,11 @@ impl Lane {
             // Keep it: unacked (or held), it comes back if the channel is gone.
             return self.failed_for_now(item, &e);
         }
-        let id = item.meta.as_ref().map(|m| m.message_id).ok();
-        tracing::warn!(consumer = %self.shared.config.name, message_id = ?id, %reason, "message dead-lettered");
+        let id = match &item.meta {
+            Ok(meta) => Some(meta.message_id),
+            Err(bad) => bad.message_id,
+        };
+        tracing::warn!(consumer = %self.shared.config.name, instance = %self.shared.instance, message_id = ?id, %reason, "message dead-lettered");
         self.settle(item, Settled::DeadLettered).await
     }
 
@@ -934,6 +949,21 @@ impl Lane {
             self.acks.push(acker.clone());
         }
     }
+}
+
+/// A handler connection, with the session bounds of the config.
+pub(crate) fn connect(config: &crate::ConsumerConfig) -> Result<PgConnection> {
+    use diesel::connection::SimpleConnection;
+    let failed = |cause: String| Error::Connect {
+        what: "database",
+        url: outbox::redact_url(&config.database_url),
+        cause,
+    };
+    let mut conn =
+        PgConnection::establish(&config.database_url).map_err(|e| failed(e.to_string()))?;
+    conn.batch_execute(&config.session_settings())
+        .map_err(|e| failed(format!("setting the session bounds: {e}")))?;
+    Ok(conn)
 }
 
 /// Sends the acks of a batch (all after its commit) side by side. A failed

@@ -82,6 +82,7 @@ mod schedule;
 pub mod sequence;
 mod session;
 mod stats;
+mod strict;
 mod topology;
 mod trace;
 

@@ -85,12 +85,12 @@ struct Live {
 }
 
 impl Member {
-    /// A member of `consumer` that has not joined yet.
-    pub(crate) fn new(schema: &str, consumer: &str) -> Self {
+    /// Instance `instance` of `consumer`, not joined yet.
+    pub(crate) fn new(schema: &str, consumer: &str, instance: Uuid) -> Self {
         Member {
             schema: schema.to_owned(),
             consumer: consumer.to_owned(),
-            instance: Uuid::now_v7(),
+            instance,
             lock_key: rand_key(),
             conn: None,
         }

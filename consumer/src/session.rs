@@ -63,8 +63,9 @@ pub(crate) async fn quietly<T>(call: impl std::future::Future<Output = T>) {
 /// Connects to the broker, naming the connection after the consumer.
 pub(crate) async fn connect(shared: &Shared) -> Result<AmqpConnection> {
     let url = &shared.config.amqp_url;
-    let properties = ConnectionProperties::default()
-        .with_connection_name(format!("consumer {}", shared.config.name).into());
+    let properties = ConnectionProperties::default().with_connection_name(
+        format!("consumer {} {}", shared.config.name, shared.instance).into(),
+    );
     let connect_error = |cause: String| Error::Connect {
         what: "broker",
         url: outbox::redact_url(url),
@@ -131,6 +132,7 @@ pub(crate) async fn consume(
     let mut deliveries = futures_util::stream::select_all(streams);
     shared.set_subscribed(assignment.queues.clone());
     let mut in_flight = vec![0usize; assignment.queues.len()];
+    let mut budget = ByteBudget::new(config.max_bytes_in_flight);
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<String>();
@@ -180,7 +182,9 @@ pub(crate) async fn consume(
                 Some((queue, Ok(delivery))) => {
                     Counters::add(&shared.counters.received);
                     in_flight[queue] += 1;
-                    scheduler.push(Item::delivery(delivery, queue), Instant::now());
+                    let item = Item::delivery(delivery, queue);
+                    budget.took(item.size(), &subscriptions).await;
+                    scheduler.push(item, Instant::now());
                 }
                 Some((_, Err(e))) => break Err(broker("receiving")(e)),
                 None => break Err(Error::Broker {
@@ -195,6 +199,7 @@ pub(crate) async fn consume(
                     if matches!(finished.finish, Finish::Done) {
                         if let Some(queue) = finished.queue {
                             in_flight[queue] -= 1;
+                            budget.settled(finished.bytes, &subscriptions).await;
                         }
                         if let Some(id) = finished.held {
                             held_ids.remove(&id);
@@ -267,6 +272,54 @@ pub(crate) async fn consume(
     .await;
     tracing::debug!(consumer = %config.name, waiting, "session ended");
     outcome
+}
+
+/// The bytes of deliveries taken and not yet settled, and the brake on the
+/// broker when they pass the limit: a per-channel prefetch of 1, which
+/// stops new deliveries on channels that already hold some, lifted once
+/// half the limit is settled.
+struct ByteBudget {
+    limit: usize,
+    held: usize,
+    braking: bool,
+}
+
+impl ByteBudget {
+    fn new(limit: usize) -> Self {
+        ByteBudget {
+            limit,
+            held: 0,
+            braking: false,
+        }
+    }
+
+    async fn took(&mut self, bytes: usize, channels: &[Channel]) {
+        self.held += bytes;
+        if !self.braking && self.held > self.limit {
+            self.braking = true;
+            tracing::debug!(
+                held = self.held,
+                limit = self.limit,
+                "byte budget reached; braking deliveries"
+            );
+            Self::channel_prefetch(channels, 1).await;
+        }
+    }
+
+    async fn settled(&mut self, bytes: usize, channels: &[Channel]) {
+        self.held = self.held.saturating_sub(bytes);
+        if self.braking && self.held <= self.limit / 2 {
+            self.braking = false;
+            Self::channel_prefetch(channels, 0).await;
+        }
+    }
+
+    /// Sets the channel-wide prefetch (0: none beyond each consumer's own).
+    async fn channel_prefetch(channels: &[Channel], count: u16) {
+        for channel in channels {
+            quietly(channel.basic_qos(count, BasicQosOptions { global: true })).await;
+        }
+    }
 }
 
 /// Schedules held messages not scheduled yet.

@@ -41,24 +41,10 @@ fn reason_of(delivery: &lapin::message::Delivery) -> String {
 /// Messages ready (not taken, not unacked) in `queue`, on a connection of
 /// the test's own.
 async fn ready_in(queue: &str) -> u32 {
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+    testkit::amqp::queue_state(queue)
         .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    let count = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap()
-        .message_count();
-    let _ = connection.close(200, "done".into()).await;
-    count
+        .expect("the queue exists")
+        .ready
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,23 +129,7 @@ fn topology(h: &Harness) -> (i64, i64) {
 
 /// Whether queue `name` exists on the broker.
 async fn queue_exists(name: &str) -> bool {
-    let broker = lapin::Connection::connect(&testkit::amqp::amqp_url(), Default::default())
-        .await
-        .unwrap();
-    let channel = broker.create_channel().await.unwrap();
-    let found = channel
-        .queue_declare(
-            name.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .is_ok();
-    let _ = broker.close(200, "probed".into()).await;
-    found
+    testkit::amqp::queue_state(name).await.is_some()
 }
 
 /// 2 partitions, raised to 4 by an instance started with 4 (the running one

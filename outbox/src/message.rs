@@ -227,6 +227,18 @@ impl MessageBuilder {
                 headers.insert("tracestate".into(), tracestate.into());
             }
         }
+        let headers = Value::Object(headers);
+        let size = crate::wire::headers_size(&headers);
+        if size > crate::wire::MAX_HEADERS_BYTES {
+            return Err(Error::invalid(
+                "headers",
+                &format!("{size} bytes as JSON"),
+                "together at most 16384 bytes as JSON (the broker takes a message's properties in one frame)",
+            ));
+        }
+        let Value::Object(headers) = headers else {
+            unreachable!("built as an object just above")
+        };
         Ok(Message {
             id: self.id.unwrap_or_else(Uuid::now_v7),
             exchange: self.exchange,

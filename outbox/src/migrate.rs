@@ -44,6 +44,12 @@ pub const MIGRATIONS: &[Migration] = &[
         up: include_str!("../../migrations/00003_order_without_the_broker/up.sql"),
         down: include_str!("../../migrations/00003_order_without_the_broker/down.sql"),
     },
+    Migration {
+        version: 4,
+        name: "poison_guards",
+        up: include_str!("../../migrations/00004_poison_guards/up.sql"),
+        down: include_str!("../../migrations/00004_poison_guards/down.sql"),
+    },
 ];
 
 #[derive(QueryableByName)]

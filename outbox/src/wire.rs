@@ -51,7 +51,8 @@ pub const SLOT_HEADER_PREFIX: &str = "outbox-slot-";
 pub const SLOTS: u16 = 64;
 
 /// Header names the relay sets from the message's columns; producers
-/// cannot set them (nor any name starting with `outbox-`).
+/// cannot set them (nor any name starting with one of
+/// [`RESERVED_PREFIXES`]).
 pub const RESERVED_HEADERS: &[&str] = &[
     ORDERING_KEY_HEADER,
     KEY_SEQ_HEADER,
@@ -60,14 +61,55 @@ pub const RESERVED_HEADERS: &[&str] = &[
     KEY_PREV_ANY_HEADER,
 ];
 
+/// Prefixes of header names the toolkit sets: the slot, and the consumer's
+/// dead-letter and replay headers (a producer setting those could forge a
+/// replay).
+pub const RESERVED_PREFIXES: &[&str] = &["outbox-", "x-dead-letter-", "x-original-"];
+
+/// Largest size of a message's headers, measured as PostgreSQL writes the
+/// `jsonb` as text (`octet_length(headers::text)`): the broker takes all of
+/// a message's properties in one frame (128 KiB by default, and it closes
+/// the connection on a larger one), so headers stay well under it.
+pub const MAX_HEADERS_BYTES: usize = 16 * 1024;
+
 /// Whether producers are refused this header name (any case).
 pub fn is_reserved(name: &str) -> bool {
     RESERVED_HEADERS
         .iter()
         .any(|r| r.eq_ignore_ascii_case(name))
-        || name
-            .get(..7)
-            .is_some_and(|p| p.eq_ignore_ascii_case("outbox-"))
+        || RESERVED_PREFIXES.iter().any(|prefix| {
+            name.get(..prefix.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+        })
+}
+
+/// The size of `headers` as PostgreSQL writes the `jsonb` as text (a space
+/// after each `:` and `,`, which serde_json's compact form leaves out);
+/// compared with [`MAX_HEADERS_BYTES`].
+pub fn headers_size(headers: &serde_json::Value) -> usize {
+    fn separators(value: &serde_json::Value) -> usize {
+        match value {
+            serde_json::Value::Object(map) => {
+                2 * map.len() - usize::from(!map.is_empty())
+                    + map.values().map(separators).sum::<usize>()
+            }
+            serde_json::Value::Array(items) => {
+                items.len().saturating_sub(1) + items.iter().map(separators).sum::<usize>()
+            }
+            _ => 0,
+        }
+    }
+    serde_json::to_string(headers).map_or(usize::MAX, |s| s.len()) + separators(headers)
+}
+
+/// Checks a row's destination and type by the enqueue function's rules (a
+/// row written by other means may break them; the relay parks it). The
+/// error says which field and why.
+pub fn check_route(exchange: &str, routing_key: &str, event_type: &str) -> Result<(), String> {
+    crate::validate::exchange(exchange)
+        .and_then(|()| crate::validate::routing_key(routing_key))
+        .and_then(|()| crate::validate::event_type(event_type))
+        .map_err(|e| e.to_string())
 }
 
 /// The slot of a key (or of the id of an unordered message): FNV-1a (64
@@ -154,9 +196,19 @@ mod tests {
         assert!(is_reserved("x-key-prev"));
         assert!(is_reserved("Outbox-Slot-3"));
         assert!(is_reserved("outbox-anything"));
+        assert!(is_reserved("X-Dead-Letter-Replay"));
+        assert!(is_reserved("x-original-exchange"));
         assert!(!is_reserved("tenant"));
         assert!(!is_reserved("outbo"));
         assert!(!is_reserved("x-hash-key"), "producers may choose it");
+    }
+
+    #[test]
+    fn headers_are_measured_as_postgres_writes_them() {
+        // SELECT octet_length('{"a": [1, 2], "b": {"c": "d"}}'::jsonb::text) = 30
+        let h = serde_json::json!({"a": [1, 2], "b": {"c": "d"}});
+        assert_eq!(headers_size(&h), 30);
+        assert_eq!(headers_size(&serde_json::json!({})), 2);
     }
 
     #[test]

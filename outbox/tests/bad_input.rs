@@ -203,3 +203,49 @@ fn bad_config_is_refused_naming_the_field() {
         );
     }
 }
+
+/// Headers are bounded well under the broker's frame (it closes the
+/// connection on a larger one), and the names the consumer reads for its
+/// dead letters and replays are not the producer's to set.
+#[test]
+fn oversized_headers_and_reserved_names_are_refused_before_a_write() {
+    let big = builder()
+        .header("big", "v".repeat(200 * 1024))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(
+            &big,
+            Error::Invalid {
+                field: "headers",
+                ..
+            }
+        ),
+        "{big}"
+    );
+    assert!(big.to_string().contains("16384"), "{big}");
+    for name in [
+        "x-dead-letter-replay",
+        "X-Original-Exchange",
+        "outbox-slot-1",
+        "x-key-prev",
+    ] {
+        let err = builder().header(name, true).build().unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Invalid {
+                    field: "header name",
+                    ..
+                }
+            ),
+            "{name}: {err}"
+        );
+    }
+    assert!(
+        builder()
+            .header("fine", "v".repeat(8 * 1024))
+            .build()
+            .is_ok()
+    );
+}

@@ -127,6 +127,22 @@ fn sql_function_refuses_what_the_rust_api_refuses_and_names_the_field() {
             "'ex', 'a.b', 't', '\\x7b'",
             "invalid input syntax for type json",
         ),
+        (
+            "'ex', 'a.b', 't', '\\x7b7d', p_headers => '{\"x-dead-letter-replay\": true}'",
+            "invalid header name 'x-dead-letter-replay'",
+        ),
+        (
+            "'ex', 'a.b', 't', '\\x7b7d', p_headers => '{\"Outbox-Slot-3\": true}'",
+            "invalid header name 'Outbox-Slot-3'",
+        ),
+        (
+            "'ex', 'a.b', 't', '\\x7b7d', p_headers => jsonb_build_object('big', repeat('v', 200000))",
+            "headers are 200011 bytes as JSON, over the maximum of 16384",
+        ),
+        (
+            "'ex', 'a.b', 't', '\\x7b7d', p_max_payload_bytes => 200000000",
+            "invalid p_max_payload_bytes 200000000",
+        ),
     ];
     for (args, expected) in cases {
         let err = conn
@@ -142,4 +158,71 @@ fn sql_function_refuses_what_the_rust_api_refuses_and_names_the_field() {
     assert_eq!(common::count(&mut conn, "outbox_messages"), 0);
     assert_eq!(common::count(&mut conn, "outbox_keys"), 0);
     conn.batch_execute("SELECT 1").unwrap();
+}
+
+/// A row written straight into the table (a script, another language)
+/// meets the same rules as one written through the function: the table's
+/// constraints refuse what the relay could never send.
+#[test]
+fn the_table_refuses_what_the_function_refuses() {
+    let (schema, _) = outbox_in_own_schema("table_refuses");
+    let mut conn = schema.connect();
+    let insert = |column_values: &str| {
+        format!(
+            "INSERT INTO outbox_messages (id, ordering_key, key_seq, \"partition\", exchange, routing_key,
+                                          event_type, event_version, payload, headers)
+             SELECT outbox_uuid_v7(), k, s, p, x, r, t, 1, '\\x7b7d', h
+             FROM (VALUES {column_values}) AS v(k, s, p, x, r, t, h)"
+        )
+    };
+    let good = "('k', 1, 3, 'ex', 'a.b', 't', '{}'::jsonb)";
+    conn.batch_execute(&insert(good)).unwrap();
+    let cases = [
+        (
+            "('k', 2, 3, '', 'a.b', 't', '{}'::jsonb)",
+            "outbox_messages_exchange_valid",
+        ),
+        (
+            "('k', 2, 3, 'amq.direct', 'a.b', 't', '{}'::jsonb)",
+            "outbox_messages_exchange_valid",
+        ),
+        (
+            "('k', 2, 3, 'ex', repeat('a', 300), 't', '{}'::jsonb)",
+            "outbox_messages_routing_key_valid",
+        ),
+        (
+            "('k', 2, 3, 'ex', 'a.#', 't', '{}'::jsonb)",
+            "outbox_messages_routing_key_valid",
+        ),
+        (
+            "('k', 2, 3, 'ex', 'a.b', repeat('t', 300), '{}'::jsonb)",
+            "outbox_messages_event_type_valid",
+        ),
+        (
+            "('k', 2, 5000, 'ex', 'a.b', 't', '{}'::jsonb)",
+            "outbox_messages_partition_valid",
+        ),
+        (
+            "('', 2, 3, 'ex', 'a.b', 't', '{}'::jsonb)",
+            "outbox_messages_ordering_key_valid",
+        ),
+        (
+            "('k', 2, 3, 'ex', 'a.b', 't', '[]'::jsonb)",
+            "outbox_messages_headers_valid",
+        ),
+        (
+            "('k', 2, 3, 'ex', 'a.b', 't', jsonb_build_object('big', repeat('v', 20000)))",
+            "outbox_messages_headers_valid",
+        ),
+    ];
+    for (values, constraint) in cases {
+        let err = conn
+            .transaction(|conn| conn.batch_execute(&insert(values)))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains(constraint),
+            "{values}: got {err}, want {constraint}"
+        );
+    }
+    assert_eq!(common::count(&mut conn, "outbox_messages"), 1);
 }

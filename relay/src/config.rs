@@ -19,6 +19,10 @@ pub struct RelayConfig {
     /// Rows read and published per batch (per partition and transaction).
     /// Defaults to 500.
     pub batch_size: u32,
+    /// Payload bytes a worker's batch may hold (a row larger than this
+    /// goes alone): the relay's memory is about `workers × batch_bytes`
+    /// beyond its own. Defaults to 8 MiB.
+    pub batch_bytes: u64,
     /// Concurrent workers, each with its own database connection and AMQP
     /// channel; partitions are spread over them. Defaults to 4.
     pub workers: u32,
@@ -59,6 +63,7 @@ impl Default for RelayConfig {
             amqp_url: String::new(),
             schema: "public".into(),
             batch_size: 500,
+            batch_bytes: 8 * 1024 * 1024,
             workers: 4,
             poll_interval: Duration::from_secs(1),
             listen: true,
@@ -81,6 +86,7 @@ impl std::fmt::Debug for RelayConfig {
             .field("amqp_url", &redact_url(&self.amqp_url))
             .field("schema", &self.schema)
             .field("batch_size", &self.batch_size)
+            .field("batch_bytes", &self.batch_bytes)
             .field("workers", &self.workers)
             .field("poll_interval", &self.poll_interval)
             .field("listen", &self.listen)
@@ -145,6 +151,12 @@ impl RelayConfig {
             field: "schema",
             reason: e.to_string(),
         })?;
+        if self.batch_bytes < 64 * 1024 {
+            return bad(
+                "batch_bytes",
+                format!("must be at least 64 KiB, got {}", self.batch_bytes),
+            );
+        }
         if !(1..=10_000).contains(&self.batch_size) {
             return bad(
                 "batch_size",

@@ -7,6 +7,8 @@ pub const PUBLISHED: &str = "outbox_relay_published_total";
 pub const RETRIED: &str = "outbox_relay_retried_total";
 /// Counter: rows parked after their last attempt.
 pub const PARKED: &str = "outbox_relay_parked_total";
+/// Counter: workers that ended unexpectedly (a panic) and were restarted.
+pub const WORKER_RESTARTS: &str = "outbox_relay_worker_restarts_total";
 /// Histogram: seconds from publish to broker confirm, per row.
 pub const CONFIRM_LATENCY: &str = "outbox_relay_confirm_latency_seconds";
 /// Histogram: seconds from the enqueueing transaction to broker confirm.

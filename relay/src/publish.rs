@@ -33,6 +33,9 @@ pub(crate) enum Outcome {
     /// The broker refused this message itself (returned as unroutable,
     /// nacked, or its exchange does not exist). Counts towards parking.
     Refused(String),
+    /// It cannot be sent as it is (see [`wire::properties`]): not sent,
+    /// parked at once with the reason.
+    Poison(String),
     /// Whether the broker took it is unknown (confirm timeout, channel or
     /// connection lost, or published after a refused message closed the
     /// channel). Sent again; does not count towards parking.
@@ -90,60 +93,153 @@ impl Publisher {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Whether the broker has blocked publishers (a resource alarm).
+    pub(crate) fn is_blocked(&self) -> bool {
+        self.connection.status().blocked()
+    }
+
     /// Publishes every row and waits for every confirm, all within
     /// `timeout` (sending can block too, while the broker has an alarm).
-    /// Returns one outcome per row, in order. Afterwards, check
-    /// [`Publisher::is_connected`]: after a timeout the channel is marked
-    /// broken, since its state is unknown.
-    pub(crate) async fn publish(&self, rows: &[PendingRow], timeout: Duration) -> Vec<Outcome> {
-        if self.connection.status().blocked() {
-            return unknown_all(
-                rows.len(),
-                "the broker has blocked publishing (resource alarm)",
+    /// Returns one outcome per row, in order, and whether the channel was
+    /// closed by an error (then the rows it took with it get no blame, and
+    /// the worker sends them `carefully`: one at a time, each confirm
+    /// awaited, so a refusal lands on the one message that caused it).
+    /// Afterwards, check [`Publisher::is_connected`]: after a timeout the
+    /// channel is marked broken, since its state is unknown.
+    pub(crate) async fn publish(
+        &self,
+        rows: &[PendingRow],
+        timeout: Duration,
+        carefully: bool,
+    ) -> (Vec<Outcome>, bool) {
+        if self.is_blocked() {
+            return (
+                unknown_all(
+                    rows.len(),
+                    "the broker has blocked publishing (resource alarm)",
+                ),
+                false,
             );
         }
         let started = Instant::now();
-        match tokio::time::timeout(timeout, self.publish_all(rows, started)).await {
+        let publish = async {
+            if carefully {
+                self.publish_one_by_one(rows, started).await
+            } else {
+                self.publish_all(rows, started).await
+            }
+        };
+        match tokio::time::timeout(timeout, publish).await {
             Ok(outcomes) => outcomes,
             Err(_) => {
-                self.channel_broken();
-                unknown_all(
-                    rows.len(),
-                    &format!("no confirm from the broker within {timeout:?}"),
+                // Blocked mid-batch (a resource alarm): the channel is fine
+                // and the worker waits for the broker on it; otherwise its
+                // state is unknown and it is replaced.
+                if !self.is_blocked() {
+                    self.channel_broken();
+                }
+                (
+                    unknown_all(
+                        rows.len(),
+                        &format!("no confirm from the broker within {timeout:?}"),
+                    ),
+                    false,
                 )
             }
         }
     }
 
-    async fn publish_all(&self, rows: &[PendingRow], started: Instant) -> Vec<Outcome> {
+    /// The largest properties the broker takes: one frame, less its own
+    /// eight bytes.
+    fn max_properties(&self) -> usize {
+        usize::try_from(self.connection.configuration().frame_max())
+            .unwrap_or(131_072)
+            .saturating_sub(8)
+    }
+
+    /// Sends `row`, unless it cannot be sent as it is.
+    async fn send(
+        &self,
+        row: &PendingRow,
+    ) -> std::result::Result<std::result::Result<lapin::PublisherConfirm, String>, String> {
+        let properties = wire::properties(row, self.app_id.as_deref(), self.max_properties())?;
+        Ok(self
+            .channel
+            .basic_publish(
+                row.exchange.as_str().into(),
+                row.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &row.payload,
+                properties,
+            )
+            .await
+            .map_err(|e| e.to_string()))
+    }
+
+    /// One row at a time, each confirm awaited before the next is sent: a
+    /// channel error is the fault of the row just sent; the rest are unsent.
+    async fn publish_one_by_one(
+        &self,
+        rows: &[PendingRow],
+        started: Instant,
+    ) -> (Vec<Outcome>, bool) {
+        let mut outcomes = Vec::with_capacity(rows.len());
+        for row in rows {
+            let outcome = match self.send(row).await {
+                Err(poison) => Outcome::Poison(poison),
+                Ok(Err(e)) => Outcome::Refused(format!("publish failed: {e}")),
+                Ok(Ok(confirm)) => match confirm.await {
+                    Ok(Confirmation::Ack(None)) => Outcome::Confirmed {
+                        latency: started.elapsed(),
+                    },
+                    Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r))) => {
+                        Outcome::Refused(returned_reason(&r))
+                    }
+                    Ok(Confirmation::Nack(None)) => {
+                        Outcome::Refused("nacked by the broker".to_owned())
+                    }
+                    Ok(Confirmation::NotRequested) => {
+                        Outcome::Unknown("channel is not in confirm mode".to_owned())
+                    }
+                    Err(e) => Outcome::Refused(format!("publish failed: {e}")),
+                },
+            };
+            let channel_gone =
+                matches!(outcome, Outcome::Refused(_)) && !self.channel.status().connected();
+            outcomes.push(outcome);
+            if channel_gone {
+                break;
+            }
+        }
+        while outcomes.len() < rows.len() {
+            outcomes.push(Outcome::Unknown(
+                "not sent: an earlier row closed the channel".to_owned(),
+            ));
+        }
+        (outcomes, false)
+    }
+
+    async fn publish_all(&self, rows: &[PendingRow], started: Instant) -> (Vec<Outcome>, bool) {
         // Send everything first (pipelined), then await the confirms.
         let mut sent = Vec::with_capacity(rows.len());
         for row in rows {
-            let published = self
-                .channel
-                .basic_publish(
-                    row.exchange.as_str().into(),
-                    row.routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &row.payload,
-                    wire::properties(row, self.app_id.as_deref()),
-                )
-                .await;
-            match published {
-                Ok(confirm) => sent.push(Ok(confirm)),
-                Err(e) => {
+            match self.send(row).await {
+                Err(poison) => sent.push(Err(Err(poison))),
+                Ok(Ok(confirm)) => sent.push(Ok(confirm)),
+                Ok(Err(e)) => {
                     // The channel is gone: this and every later row are unsent.
-                    sent.push(Err(e.to_string()));
+                    sent.push(Err(Ok(e)));
                     break;
                 }
             }
         }
+        // A poison row was never sent: `Err(Err(reason))` all the way.
         let confirms = join_all(sent.into_iter().map(|s| async move {
             match s {
-                Ok(confirm) => confirm.await.map_err(|e| e.to_string()),
+                Ok(confirm) => confirm.await.map_err(|e| Ok(e.to_string())),
                 Err(e) => Err(e),
             }
         }))
@@ -162,20 +258,11 @@ impl Publisher {
                     .as_ref()
                     .map(|id| id.as_str().to_owned())
                     .unwrap_or_default();
-                returned.insert(
-                    id,
-                    format!(
-                        "returned by the broker: {} {} (no queue bound to exchange {:?} for routing key {:?})",
-                        r.reply_code,
-                        r.reply_text,
-                        r.exchange.as_str(),
-                        r.routing_key.as_str()
-                    ),
-                );
+                returned.insert(id, returned_reason(r));
             }
         }
 
-        let mut first_error_seen = false;
+        let mut channel_error = false;
         let mut outcomes = Vec::with_capacity(rows.len());
         let mut confirms = confirms.into_iter();
         for row in rows {
@@ -194,22 +281,19 @@ impl Publisher {
                 Some(Ok(Confirmation::NotRequested)) => {
                     Outcome::Unknown("channel is not in confirm mode".to_owned())
                 }
-                Some(Err(e)) => {
-                    // The broker closes the channel at the first publish to
-                    // a missing exchange; everything after it is collateral.
-                    let own_fault = !first_error_seen && e.contains("NOT_FOUND");
-                    first_error_seen = true;
-                    if own_fault {
-                        Outcome::Refused(format!("publish failed: {e}"))
-                    } else {
-                        Outcome::Unknown(format!("channel lost: {e}"))
-                    }
+                Some(Err(Err(poison))) => Outcome::Poison(poison),
+                // The broker closed the channel (a missing exchange, say):
+                // every pending confirm fails alike, and which row caused it
+                // is unknown. No blame now; sent again one by one.
+                Some(Err(Ok(e))) => {
+                    channel_error = true;
+                    Outcome::Unknown(format!("channel closed: {e}"))
                 }
                 None => Outcome::Unknown("not sent: the channel was lost".to_owned()),
             };
             outcomes.push(outcome);
         }
-        outcomes
+        (outcomes, channel_error)
     }
 
     /// Closes the connection politely.
@@ -217,6 +301,17 @@ impl Publisher {
         let close = self.connection.close(200, "relay stopping".into());
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
     }
+}
+
+/// Why the broker returned a message.
+fn returned_reason(r: &lapin::message::BasicReturnMessage) -> String {
+    format!(
+        "returned by the broker: {} {} (no queue bound to exchange {:?} for routing key {:?})",
+        r.reply_code,
+        r.reply_text,
+        r.exchange.as_str(),
+        r.routing_key.as_str()
+    )
 }
 
 fn unknown_all(count: usize, reason: &str) -> Vec<Outcome> {

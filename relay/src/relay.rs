@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::health::{self, Health};
 use crate::store::{self, Settings, Store};
@@ -122,7 +122,7 @@ impl Relay {
                 let partitions: Vec<i16> = (0..settings.partitions)
                     .filter(|p| *p as usize % workers == index)
                     .collect();
-                tasks.spawn(worker::run(
+                tasks.spawn(supervise(
                     index,
                     partitions,
                     Arc::clone(wake),
@@ -143,7 +143,7 @@ impl Relay {
                     wakes,
                 ));
             }
-            tasks.spawn(gauges(Arc::clone(&shared)));
+            tasks.spawn(gauges(Arc::clone(&shared), settings.partitions));
             if let Some(retention) = shared.config.retention {
                 tasks.spawn(cleanup(Arc::clone(&shared), retention));
             }
@@ -267,12 +267,50 @@ async fn listen_connection(shared: &Shared, channel: &str) -> Result<AsyncPgConn
     Ok(conn)
 }
 
-/// Refreshes the backlog gauges every stats interval.
-async fn gauges(shared: Arc<Shared>) {
+/// Runs worker `index` and starts it again if it ends unexpectedly (a
+/// panic: a bug, since bad rows are parked, not panicked on), counting the
+/// restarts; readiness says the worker is down meanwhile.
+async fn supervise(index: usize, partitions: Vec<i16>, wake: Arc<Wake>, shared: Arc<Shared>) {
+    loop {
+        let run = tokio::spawn(worker::run(
+            index,
+            partitions.clone(),
+            Arc::clone(&wake),
+            Arc::clone(&shared),
+        ));
+        match run.await {
+            Err(e) if e.is_panic() => {
+                metrics::counter!(m::WORKER_RESTARTS).increment(1);
+                shared.health.set_database(index, false);
+                shared.health.set_broker(index, false);
+                error!(worker = index, error = %e, "worker panicked; starting it again");
+                // What it was doing is done again: scan everything.
+                wake.rescan();
+                tokio::select! {
+                    () = shared.cancel.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            // Stopped (cancelled), or aborted with the relay.
+            _ => return,
+        }
+    }
+}
+
+/// Refreshes the backlog gauges every stats interval, and parks rows no
+/// worker will ever claim (a partition outside the install's count, written
+/// by other means than the enqueue function).
+async fn gauges(shared: Arc<Shared>, partitions: i16) {
     let mut conn: Option<AsyncPgConnection> = None;
     loop {
         if conn.is_none() {
             conn = store::connect(&shared.config.database_url).await.ok();
+        }
+        if let Some(c) = conn.as_mut()
+            && let Err(e) = park_strays(&shared, c, partitions).await
+        {
+            warn!(error = %e, "cannot check for rows outside the partitions");
+            conn = None;
         }
         if let Some(c) = conn.as_mut() {
             match shared.store.totals(c).await {
@@ -293,6 +331,18 @@ async fn gauges(shared: Arc<Shared>) {
             () = tokio::time::sleep(shared.config.stats_interval) => {}
         }
     }
+}
+
+async fn park_strays(shared: &Shared, conn: &mut AsyncPgConnection, partitions: i16) -> Result<()> {
+    let parked = shared.store.park_strays(conn, partitions).await?;
+    if parked > 0 {
+        warn!(
+            rows = parked,
+            partitions, "parked rows whose partition no relay works"
+        );
+        metrics::counter!(m::PARKED).increment(parked as u64);
+    }
+    Ok(())
 }
 
 /// Deletes published rows past the retention, 1000 per statement, so no

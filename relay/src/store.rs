@@ -42,9 +42,10 @@ pub struct PendingRow {
     /// JSON body.
     #[diesel(sql_type = Bytea)]
     pub payload: Vec<u8>,
-    /// User headers and trace context.
-    #[diesel(sql_type = Jsonb)]
-    pub headers: serde_json::Value,
+    /// User headers and trace context, as JSON text (parsed per row, so a
+    /// value no client can read fails only its own row).
+    #[diesel(sql_type = Text)]
+    pub headers: String,
     /// Commit time of the enqueueing transaction (approximately).
     #[diesel(sql_type = Timestamptz)]
     pub created_at: DateTime<Utc>,
@@ -192,7 +193,7 @@ impl Store {
             schema: schema.to_owned(),
             lock_namespace: format!("outbox_relay.{schema}"),
             table: format!(r#""{schema}".outbox_messages"#),
-            claim_sql: format!(r#"SELECT * FROM "{schema}".outbox_relay_claim_v2($1, $2, $3)"#),
+            claim_sql: format!(r#"SELECT * FROM "{schema}".outbox_relay_claim_v3($1, $2, $3, $4)"#),
             published_sql: format!(r#"SELECT "{schema}".outbox_relay_published($1, $2)"#),
         }
     }
@@ -203,10 +204,10 @@ impl Store {
 
     /// The settings row, or [`Error::NotMigrated`] when the tables are missing.
     pub async fn settings(&self, conn: &mut AsyncPgConnection) -> Result<Settings> {
-        // The newest migration the relay needs: it adds outbox_relay_claim_v2.
+        // The newest migration the relay needs: it adds outbox_relay_claim_v3.
         let installed: Flag = diesel::sql_query(
             "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-                            WHERE n.nspname = $1 AND p.proname = 'outbox_relay_claim_v2') AS flag",
+                            WHERE n.nspname = $1 AND p.proname = 'outbox_relay_claim_v3') AS flag",
         )
         .bind::<Text, _>(&self.schema)
         .get_result(conn)
@@ -227,23 +228,27 @@ impl Store {
     }
 
     /// Takes the partition's lock for the rest of the transaction and
-    /// returns up to `limit` due rows in seq order; empty when another relay
-    /// holds the partition (one owner per partition keeps per-key order).
+    /// returns up to `limit` due rows in seq order, and no more than
+    /// `max_bytes` of payload (at least one row, however large); empty when
+    /// another relay holds the partition (one owner per partition keeps
+    /// per-key order).
     ///
     /// A key with a failed row still pending is held back: until that row
     /// is confirmed or parked, it is the only row of its key that goes out
     /// (alone, once its retry is due), so the key's later rows are never
-    /// published before it. The SQL is `outbox_relay_claim` in the
+    /// published before it. The SQL is `outbox_relay_claim_v3` in the
     /// migration, a function so its plan is cached per session.
     pub(crate) async fn claim(
         &self,
         conn: &mut AsyncPgConnection,
         partition: i16,
         limit: u32,
+        max_bytes: u64,
     ) -> Result<Vec<PendingRow>> {
         diesel::sql_query(self.claim_sql.as_str())
             .bind::<SmallInt, _>(partition)
             .bind::<Integer, _>(i32::try_from(limit).unwrap_or(i32::MAX))
+            .bind::<BigInt, _>(i64::try_from(max_bytes).unwrap_or(i64::MAX))
             .bind::<Text, _>(&self.lock_namespace)
             .load(conn)
             .await
@@ -357,6 +362,29 @@ impl Store {
         .await
         .map_err(Error::db("recording unconfirmed rows"))?;
         Ok(())
+    }
+
+    /// Parks pending rows whose partition is outside `0..partitions`: no
+    /// worker claims them, so they would wait forever. Returns how many.
+    pub(crate) async fn park_strays(
+        &self,
+        conn: &mut AsyncPgConnection,
+        partitions: i16,
+    ) -> Result<i64> {
+        let n: Count = diesel::sql_query(format!(
+            r#"WITH parked AS (
+                   UPDATE {} SET parked_at = now(), attempts = attempts + 1,
+                       last_error = format('partition %s is outside 0..%s: no relay works it', "partition", $1 - 1)
+                   WHERE published_at IS NULL AND parked_at IS NULL AND ("partition" < 0 OR "partition" >= $1)
+                   RETURNING 1)
+               SELECT count(*) AS n FROM parked"#,
+            self.table()
+        ))
+        .bind::<SmallInt, _>(partitions)
+        .get_result(conn)
+        .await
+        .map_err(Error::db("parking rows outside the partitions"))?;
+        Ok(n.n)
     }
 
     /// Backlog per partition (only partitions with pending rows).

@@ -21,13 +21,42 @@ pub use outbox::wire::{
     ORDERING_KEY_HEADER,
 };
 
-/// The AMQP properties and headers of a row.
-pub fn properties(row: &PendingRow, app_id: Option<&str>) -> BasicProperties {
+/// Why a row cannot be sent as it is: it will fail the same way every time,
+/// so the relay parks it with this reason.
+pub type Poison = String;
+
+/// The AMQP properties and headers of a row, or why it cannot be sent:
+/// a destination or type that breaks the enqueue rules, headers that do
+/// not parse or break AMQP's limits (names of 1 to 255 bytes), or
+/// properties larger than `max_bytes` (the broker takes them in one frame,
+/// and closes the connection on a larger one).
+pub fn properties(
+    row: &PendingRow,
+    app_id: Option<&str>,
+    max_bytes: usize,
+) -> Result<BasicProperties, Poison> {
+    outbox::wire::check_route(&row.exchange, &row.routing_key, &row.event_type)?;
+    let app_id = app_id.unwrap_or(&row.exchange);
+    if app_id.len() > 255 {
+        return Err(format!("app_id is {} bytes, over 255", app_id.len()));
+    }
+    if row.headers.len() > outbox::wire::MAX_HEADERS_BYTES {
+        return Err(format!(
+            "headers are {} bytes as JSON, over the maximum of {}",
+            row.headers.len(),
+            outbox::wire::MAX_HEADERS_BYTES
+        ));
+    }
+    let user: Value = serde_json::from_str(&row.headers)
+        .map_err(|e| format!("headers do not parse as JSON a client can read: {e}"))?;
     let mut headers = FieldTable::default();
-    if let Value::Object(map) = &row.headers {
-        for (name, value) in map {
-            headers.insert(short(name), to_amqp(value));
+    match &user {
+        Value::Object(map) => {
+            for (name, value) in map {
+                headers.insert(short(name)?, to_amqp(value)?);
+            }
         }
+        other => return Err(format!("headers must be a JSON object, got {other}")),
     }
     // The hash key: the ordering key; for an unordered message the
     // producer's own x-hash-key if it chose one, else the id. The slot
@@ -51,7 +80,7 @@ pub fn properties(row: &PendingRow, app_id: Option<&str>) -> BasicProperties {
             AMQPValue::LongString(LongString::from(key.as_str())),
         );
         headers.insert(KEY_SEQ_HEADER.into(), AMQPValue::LongLongInt(key_seq));
-        headers.insert(KEY_PREV_HEADER.into(), key_prev(row.key_prev.as_ref()));
+        headers.insert(KEY_PREV_HEADER.into(), key_prev(row.key_prev.as_ref())?);
         if let Some(any) = row.key_prev_any.filter(|n| *n > 0) {
             headers.insert(KEY_PREV_ANY_HEADER.into(), AMQPValue::LongLongInt(any));
         }
@@ -60,20 +89,34 @@ pub fn properties(row: &PendingRow, app_id: Option<&str>) -> BasicProperties {
         EVENT_VERSION_HEADER.into(),
         AMQPValue::LongInt(row.event_version),
     );
-    BasicProperties::default()
+    let properties = BasicProperties::default()
         .with_message_id(row.id.to_string().into())
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
         .with_timestamp(u64::try_from(row.created_at.timestamp()).unwrap_or(0))
         .with_type(row.event_type.as_str().into())
-        .with_app_id(app_id.unwrap_or(&row.exchange).into())
-        .with_headers(headers)
+        .with_app_id(app_id.into())
+        .with_headers(headers);
+    // Encoding costs a copy: only when the headers could come near the limit.
+    let estimate =
+        row.headers.len() + row.key_prev.as_ref().map_or(0, |p| p.to_string().len() * 2) + 2 * 1024;
+    if estimate > max_bytes {
+        let size = lapin::protocol::basic::gen_properties(&properties)(Vec::new().into())
+            .map(|w| w.write.len())
+            .map_err(|e| format!("properties do not encode: {e}"))?;
+        if size > max_bytes {
+            return Err(format!(
+                "properties are {size} bytes encoded, over the {max_bytes} the broker takes in one frame"
+            ));
+        }
+    }
+    Ok(properties)
 }
 
 /// `x-key-prev`: `{exchange: {routing key: key_seq}}` as nested tables of
 /// long long integers; entries that are not numbers are left out (the
 /// enqueue function writes only numbers).
-fn key_prev(value: Option<&Value>) -> AMQPValue {
+fn key_prev(value: Option<&Value>) -> Result<AMQPValue, Poison> {
     let mut routes = FieldTable::default();
     if let Some(Value::Object(exchanges)) = value {
         for (exchange, keys) in exchanges {
@@ -81,30 +124,31 @@ fn key_prev(value: Option<&Value>) -> AMQPValue {
             if let Value::Object(keys) = keys {
                 for (key, seq) in keys {
                     if let Some(seq) = seq.as_i64() {
-                        seqs.insert(short(key), AMQPValue::LongLongInt(seq));
+                        seqs.insert(short(key)?, AMQPValue::LongLongInt(seq));
                     }
                 }
             }
-            routes.insert(short(exchange), AMQPValue::FieldTable(seqs));
+            routes.insert(short(exchange)?, AMQPValue::FieldTable(seqs));
         }
     }
-    AMQPValue::FieldTable(routes)
+    Ok(AMQPValue::FieldTable(routes))
 }
 
-/// A field name as an AMQP short string. Enqueue refuses names over 255
-/// bytes; rows written by other means are cut rather than sent as a
-/// malformed frame that would make the broker drop the connection.
-fn short(name: &str) -> ShortString {
-    let mut end = name.len().min(255);
-    while !name.is_char_boundary(end) {
-        end -= 1;
+/// A field name as an AMQP short string: 1 to 255 bytes.
+fn short(name: &str) -> Result<ShortString, Poison> {
+    if name.is_empty() || name.len() > 255 {
+        return Err(format!(
+            "header name {:?} is {} bytes: AMQP takes 1 to 255",
+            name.chars().take(64).collect::<String>(),
+            name.len()
+        ));
     }
-    ShortString::from(&name[..end])
+    Ok(ShortString::from(name))
 }
 
 /// A JSON header value as the closest AMQP field value.
-fn to_amqp(value: &Value) -> AMQPValue {
-    match value {
+fn to_amqp(value: &Value) -> Result<AMQPValue, Poison> {
+    Ok(match value {
         Value::Null => AMQPValue::Void,
         Value::Bool(b) => AMQPValue::Boolean(*b),
         Value::Number(n) => match (n.as_i64(), n.as_f64()) {
@@ -114,21 +158,24 @@ fn to_amqp(value: &Value) -> AMQPValue {
         },
         Value::String(s) => AMQPValue::LongString(s.as_str().into()),
         Value::Array(items) => AMQPValue::FieldArray(FieldArray::from(
-            items.iter().map(to_amqp).collect::<Vec<_>>(),
+            items.iter().map(to_amqp).collect::<Result<Vec<_>, _>>()?,
         )),
         Value::Object(map) => {
             let mut table = FieldTable::default();
             for (k, v) in map {
-                table.insert(short(k), to_amqp(v));
+                table.insert(short(k)?, to_amqp(v)?);
             }
             AMQPValue::FieldTable(table)
         }
-    }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RabbitMQ's default frame size, less the frame's own bytes.
+    const MAX: usize = 131_072 - 8;
 
     fn row() -> PendingRow {
         PendingRow {
@@ -141,7 +188,7 @@ mod tests {
             event_type: "order.submitted".into(),
             event_version: 2,
             payload: b"{}".to_vec(),
-            headers: serde_json::json!({"tenant": "acme", "n": 5, "traceparent": "00-ab-cd-01"}),
+            headers: r#"{"tenant": "acme", "n": 5, "traceparent": "00-ab-cd-01"}"#.into(),
             created_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             attempts: 0,
             key_prev: Some(
@@ -153,7 +200,7 @@ mod tests {
 
     #[test]
     fn properties_carry_the_wire_format() {
-        let p = properties(&row(), None);
+        let p = properties(&row(), None, MAX).unwrap();
         assert_eq!(
             p.message_id().as_ref().unwrap().as_str(),
             "00000000-0000-0000-0000-000000000007"
@@ -200,7 +247,8 @@ mod tests {
             Some(&AMQPValue::LongString("00-ab-cd-01".into()))
         );
         assert_eq!(
-            properties(&row(), Some("billing"))
+            properties(&row(), Some("billing"), MAX)
+                .unwrap()
                 .app_id()
                 .as_ref()
                 .unwrap()
@@ -214,7 +262,7 @@ mod tests {
         let mut r = row();
         r.ordering_key = None;
         r.key_seq = None;
-        let p = properties(&r, None);
+        let p = properties(&r, None, MAX).unwrap();
         let h = p.headers().as_ref().unwrap().inner();
         assert!(!h.contains_key("x-ordering-key") && !h.contains_key("x-key-seq"));
         assert!(!h.contains_key("x-key-prev"));
@@ -230,19 +278,90 @@ mod tests {
     #[test]
     fn the_hash_key_is_the_ordering_key_whatever_the_producer_set() {
         let mut r = row();
-        r.headers = serde_json::json!({"x-hash-key": "mine"});
-        let p = properties(&r, None);
+        r.headers = r#"{"x-hash-key": "mine"}"#.into();
+        let p = properties(&r, None, MAX).unwrap();
         let h = p.headers().as_ref().unwrap().inner();
         assert_eq!(
             h.get("x-hash-key"),
             Some(&AMQPValue::LongString("order-1".into()))
         );
         r.ordering_key = None;
-        let p = properties(&r, None);
+        let p = properties(&r, None, MAX).unwrap();
         let h = p.headers().as_ref().unwrap().inner();
         assert_eq!(
             h.get("x-hash-key"),
             Some(&AMQPValue::LongString("mine".into()))
         );
+    }
+
+    mod properties_never_panic {
+        use proptest::prelude::*;
+        use serde_json::Value;
+
+        use super::*;
+
+        /// JSON values a few levels deep, with names and strings of any
+        /// length (well past AMQP's 255-byte short strings).
+        fn json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                ".{0,300}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(4, 64, 8, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    prop::collection::btree_map(".{0,300}", inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Header text: JSON of any shape, or not JSON at all.
+        fn headers() -> impl Strategy<Value = String> {
+            prop_oneof![
+                json().prop_map(|v| v.to_string()),
+                ".{0,200}",
+                Just(r#"{"n": 1e400}"#.to_owned()),
+                Just(format!(
+                    "{{\"d\": {}1{}}}",
+                    "[".repeat(200),
+                    "]".repeat(200)
+                )),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn any_row_is_encoded_or_refused_with_a_reason(
+                exchange in ".{0,300}",
+                routing_key in ".{0,300}",
+                event_type in ".{0,300}",
+                key in proptest::option::of(".{0,300}"),
+                key_seq in any::<i64>(),
+                headers in headers(),
+                key_prev in proptest::option::of(json()),
+                key_prev_any in proptest::option::of(any::<i64>()),
+                app_id in proptest::option::of(".{0,300}"),
+                max_bytes in 0usize..200_000,
+            ) {
+                let row = PendingRow {
+                    exchange,
+                    routing_key,
+                    event_type,
+                    key_seq: key.as_ref().map(|_| key_seq),
+                    ordering_key: key,
+                    headers,
+                    key_prev,
+                    key_prev_any,
+                    ..row()
+                };
+                if let Err(reason) = properties(&row, app_id.as_deref(), max_bytes) {
+                    prop_assert!(!reason.is_empty());
+                }
+            }
+        }
     }
 }

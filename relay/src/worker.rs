@@ -68,6 +68,9 @@ struct Batch {
     published: u64,
     retried: u64,
     parked: u64,
+    /// The broker closed the channel on an error it did not pin on one
+    /// message: send the next batch one message at a time.
+    needs_care: bool,
 }
 
 /// Extra time a batch may take beyond the confirm timeout (its SQL).
@@ -88,6 +91,9 @@ pub(crate) async fn run(index: usize, partitions: Vec<i16>, wake: Arc<Wake>, sha
     // Scans start one partition later each time, so one partition that
     // keeps failing does not starve the ones after it.
     let mut rotation = 0usize;
+    // After a channel error no message was blamed for: the next batch goes
+    // one message at a time, so the refusal lands on its cause.
+    let mut carefully = false;
     let name = format!(
         "outbox-relay {} {} worker {index}",
         config.schema, shared.instance
@@ -122,6 +128,19 @@ pub(crate) async fn run(index: usize, partitions: Vec<i16>, wake: Arc<Wake>, sha
             failed = true;
             continue;
         };
+        if channel.is_blocked() {
+            // A resource alarm: claiming now would only mark the same rows
+            // unknown again and again. Wait, with backoff.
+            if !failed {
+                warn!(
+                    worker = index,
+                    "the broker blocks publishing (resource alarm); waiting"
+                );
+            }
+            shared.health.set_broker(index, false);
+            failed = true;
+            continue;
+        }
 
         let full = Instant::now() >= next_full_scan || wake.rescan.swap(false, Ordering::Relaxed);
         let mut targets = if full {
@@ -162,13 +181,14 @@ pub(crate) async fn run(index: usize, partitions: Vec<i16>, wake: Arc<Wake>, sha
             let span = info_span!("batch", worker = index, partitions = ?targets);
             let batch = tokio::time::timeout(
                 config.confirm_timeout + BATCH_SLACK,
-                process(&shared, conn, channel, &targets),
+                process(&shared, conn, channel, &targets, carefully),
             )
             .instrument(span)
             .await;
             match batch {
                 Ok(Ok(batch)) => {
                     backoff = config.retry.reconnect_delays();
+                    carefully = batch.needs_care;
                     targets.retain(|p| !batch.claimed.contains(p));
                     for partition in batch.full {
                         // A full claim: there is probably more; go again at once.
@@ -248,6 +268,7 @@ async fn process(
     conn: &mut AsyncPgConnection,
     publisher: &Publisher,
     partitions: &[i16],
+    carefully: bool,
 ) -> Result<Batch> {
     let config = &shared.config;
     let store = &shared.store;
@@ -257,24 +278,31 @@ async fn process(
         .read_committed()
         .run::<_, crate::Error, _>(async |conn| {
             let mut batch = Batch::default();
-            let mut rows = Vec::new();
+            let mut rows: Vec<PendingRow> = Vec::new();
+            let mut bytes = 0u64;
             for &partition in partitions {
                 let limit = config.batch_size - u32::try_from(rows.len()).unwrap_or(u32::MAX);
-                if limit == 0 {
+                let budget = config.batch_bytes.saturating_sub(bytes);
+                if limit == 0 || budget == 0 {
                     break;
                 }
                 // Empty also when another relay holds the partition now.
-                let claimed = store.claim(conn, partition, limit).await?;
-                if claimed.len() >= limit as usize {
+                let claimed = store.claim(conn, partition, limit, budget).await?;
+                let claimed_bytes: u64 = claimed.iter().map(|r| r.payload.len() as u64).sum();
+                if claimed.len() >= limit as usize || claimed_bytes >= budget {
                     batch.full.push(partition);
                 }
+                bytes += claimed_bytes;
                 batch.claimed.push(partition);
                 rows.extend(claimed);
             }
             if rows.is_empty() {
                 return Ok(batch);
             }
-            let outcomes = publisher.publish(&rows, config.confirm_timeout).await;
+            let (outcomes, channel_error) = publisher
+                .publish(&rows, config.confirm_timeout, carefully)
+                .await;
+            batch.needs_care = channel_error;
             let results = sort_outcomes(config, &rows, outcomes);
             store
                 .mark_published(conn, &results.published, config.retention.is_some())
@@ -351,6 +379,18 @@ fn sort_outcomes(
                     park,
                 });
             }
+            Outcome::Poison(error) => {
+                warn!(
+                    id = %row.id, exchange = %row.exchange, routing_key = %row.routing_key,
+                    error = %error, "row cannot be sent as it is; parked"
+                );
+                results.refused.push(Failure {
+                    id: row.id,
+                    error,
+                    retry_after: Duration::ZERO,
+                    park: true,
+                });
+            }
             Outcome::Unknown(error) => results.unknown.push((row.id, error)),
         }
         let failed = !matches!(results.published.last(), Some(id) if *id == row.id);
@@ -376,7 +416,7 @@ mod tests {
             event_type: "x".into(),
             event_version: 1,
             payload: b"{}".to_vec(),
-            headers: serde_json::json!({}),
+            headers: "{}".into(),
             created_at: chrono::Utc::now(),
             attempts,
             key_prev: None,

@@ -201,6 +201,39 @@ impl TestTopology {
     }
 }
 
+/// What the broker says of a queue: messages ready, consumers subscribed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueState {
+    /// Messages ready (not delivered, not unacked).
+    pub ready: u32,
+    /// Consumers subscribed (the active one and those standing by).
+    pub consumers: u32,
+}
+
+/// The state of `queue`, on a connection of the caller's own; `None` when
+/// it does not exist.
+pub async fn queue_state(queue: &str) -> Option<QueueState> {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to RabbitMQ: {e} (run scripts/services.sh)"));
+    let channel = connection.create_channel().await.unwrap();
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    let _ = connection.close(200, "probed".into()).await;
+    declared.ok().map(|q| QueueState {
+        ready: q.message_count(),
+        consumers: q.consumer_count(),
+    })
+}
+
 /// Closes, from the broker's side, every connection whose client
 /// properties mention `marker`; returns how many.
 pub fn close_broker_connections(marker: &str) -> usize {

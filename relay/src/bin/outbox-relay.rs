@@ -117,6 +117,10 @@ struct RunArgs {
     /// Rows per batch (per partition and transaction).
     #[arg(long, env = "OUTBOX_RELAY_BATCH_SIZE", default_value_t = 500)]
     batch_size: u32,
+    /// Payload bytes per worker's batch (a larger row goes alone); the
+    /// relay's memory is about workers × this.
+    #[arg(long, env = "OUTBOX_RELAY_BATCH_BYTES", default_value_t = 8 * 1024 * 1024)]
+    batch_bytes: u64,
     /// Concurrent workers, each with its own database connection and channel.
     #[arg(long, env = "OUTBOX_RELAY_WORKERS", default_value_t = 4)]
     workers: u32,
@@ -257,6 +261,7 @@ async fn run(database_url: String, schema: String, args: RunArgs) -> anyhow::Res
         amqp_url,
         schema,
         batch_size: args.batch_size,
+        batch_bytes: args.batch_bytes,
         workers: args.workers,
         poll_interval: args.poll_interval,
         listen: !args.no_listen,
@@ -323,6 +328,7 @@ fn flag_hint(error: relay::Error) -> String {
         "confirm_timeout" => ("--confirm-timeout", "OUTBOX_RELAY_CONFIRM_TIMEOUT"),
         "retry" => ("--retry-*", "OUTBOX_RELAY_RETRY_*"),
         "cleanup_interval" => ("--cleanup-interval", "OUTBOX_RELAY_CLEANUP_INTERVAL"),
+        "batch_bytes" => ("--batch-bytes", "OUTBOX_RELAY_BATCH_BYTES"),
         "http_addr" => ("--http-addr", "OUTBOX_RELAY_HTTP_ADDR"),
         _ => return error.to_string(),
     };
