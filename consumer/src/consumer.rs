@@ -278,6 +278,24 @@ impl Consumer {
             match failure {
                 Ok(()) => delays = config.retry.reconnect_delays(),
                 Err(e @ (Error::Topology { .. } | Error::Config { .. })) => break Err(e),
+                Err(Error::UnreadableDelivery { cause }) => {
+                    // The same message would end every session: move it
+                    // aside first (it is at the front of one of our queues).
+                    let queues = assignment
+                        .borrow()
+                        .as_ref()
+                        .map(|a| a.queues.clone())
+                        .unwrap_or_default();
+                    tracing::warn!(consumer = %config.name, %cause, "a delivery the client cannot parse ended the session; moving it to the dead-letter queue");
+                    if let Err(e) = crate::quarantine::quarantine(shared, &queues).await {
+                        let delay = delays.next().unwrap_or(config.retry.max_delay);
+                        tracing::error!(consumer = %config.name, error = %e, ?delay, "could not move the unreadable delivery aside; retrying");
+                        tokio::select! {
+                            () = shutdown.cancelled() => {}
+                            () = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                }
                 Err(e) => {
                     let delay = delays.next().unwrap_or(config.retry.max_delay);
                     tracing::warn!(consumer = %config.name, error = %e, ?delay, "consumer session ended; reconnecting");

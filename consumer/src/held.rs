@@ -65,7 +65,7 @@ pub(crate) fn encode_properties(properties: &BasicProperties) -> Result<Vec<u8>>
 pub(crate) fn decode_properties(bytes: &[u8]) -> std::result::Result<BasicProperties, String> {
     parse_properties(bytes)
         .map(|(_, properties)| properties)
-        .map_err(|e| format!("stored properties do not parse: {e}"))
+        .map_err(|e| format!("the properties do not parse: {e}"))
 }
 
 /// What a hold came to.

@@ -77,6 +77,9 @@ pub mod inbox;
 mod inbox_async;
 mod lane;
 mod members;
+mod quarantine;
+#[doc(hidden)]
+pub mod raw_amqp;
 pub mod route;
 mod schedule;
 pub mod sequence;
@@ -145,6 +148,14 @@ pub enum Error {
     /// A handler panicked; the transaction rolled back and the message is retried.
     #[error("{0}")]
     Handler(String),
+    /// A delivery the client library cannot parse (its properties are not
+    /// valid UTF-8 where AMQP has strings) ended the broker connection; the
+    /// consumer moves it to the dead-letter queue before reconnecting.
+    #[error("a delivery the client cannot parse ended the connection: {cause}")]
+    UnreadableDelivery {
+        /// The parser's error.
+        cause: String,
+    },
 }
 
 /// `Result` with the consumer [`Error`] as its default error.

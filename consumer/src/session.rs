@@ -186,6 +186,9 @@ pub(crate) async fn consume(
                     budget.took(item.size(), &subscriptions).await;
                     scheduler.push(item, Instant::now());
                 }
+                Some((_, Err(e))) if matches!(e.kind(), lapin::ErrorKind::ParsingError(_)) => {
+                    break Err(Error::UnreadableDelivery { cause: e.to_string() });
+                }
                 Some((_, Err(e))) => break Err(broker("receiving")(e)),
                 None => break Err(Error::Broker {
                     operation: "receiving",

@@ -757,3 +757,71 @@ async fn a_frozen_instance_holding_a_key_cannot_block_another_for_long() {
     assert!(h.dead_letters().await.is_empty());
     h.cleanup(1).await;
 }
+
+/// A message whose properties the client library cannot parse (a
+/// `message_id` that is not UTF-8, as another client may write) ends the
+/// consumer's connection every time it is delivered. The consumer must move
+/// it to the dead-letter queue, byte for byte with the reason added, and
+/// the queue must move on: the message behind it is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_the_client_cannot_parse_is_dead_lettered_and_the_queue_moves_on() {
+    logs();
+    let h = Harness::new("p_raw").await;
+    let consumer = Consumer::builder(h.config())
+        .handle(&h.exchange, "order.*.submitted", h.recorder())
+        .build()
+        .unwrap();
+    consumer.declare().await.unwrap();
+    let url = testkit::amqp::amqp_url();
+    let mut raw = consumer::raw_amqp::RawConnection::open(&url).await.unwrap();
+    // Only a message-id (property flag bit 7), of bytes that are not UTF-8.
+    let mut properties = 0x0080u16.to_be_bytes().to_vec();
+    properties.push(4);
+    properties.extend([0xff, 0xfe, b'A', b'B']);
+    raw.publish(
+        h.exchange.as_bytes(),
+        b"order.v1.submitted",
+        &properties,
+        br#"{"n":1}"#,
+    )
+    .await
+    .unwrap();
+    raw.close().await;
+    let behind = Msg::keyed("behind", 1);
+    h.publish(&behind).await;
+
+    let (shutdown, task) = spawn(&consumer);
+    wait_until(
+        "the message behind it applied",
+        Duration::from_secs(30),
+        || {
+            h.effects()
+                .iter()
+                .any(|e| e.message_id == behind.id.to_string())
+        },
+    )
+    .await;
+    assert!(!task.is_finished(), "the consumer runs on");
+    assert_eq!(consumer.stats().dead_lettered, 1);
+    stop(shutdown, task).await;
+
+    // The dead letter is the message as it was, plus the reason; read it
+    // with the bare connection (the client library cannot).
+    let mut raw = consumer::raw_amqp::RawConnection::open(&url).await.unwrap();
+    let letter = raw
+        .get(&format!("{}.dead-letters", h.name))
+        .await
+        .unwrap()
+        .expect("a dead letter");
+    raw.ack(letter.delivery_tag).await.unwrap();
+    raw.close().await;
+    assert_eq!(letter.body, br#"{"n":1}"#);
+    let contains = |needle: &[u8]| letter.properties.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        contains(&[0xff, 0xfe, b'A', b'B']),
+        "the original message_id"
+    );
+    assert!(contains(b"x-dead-letter-reason"));
+    assert!(contains(b"cannot parse its properties"));
+    h.cleanup(1).await;
+}
