@@ -21,7 +21,7 @@ pub struct RelayConfig {
     pub batch_size: u32,
     /// Payload bytes a worker's batch may hold (a row larger than this
     /// goes alone): the relay's memory is about `workers × batch_bytes`
-    /// beyond its own. Defaults to 8 MiB.
+    /// beyond its own. Defaults to 1 MiB.
     pub batch_bytes: u64,
     /// Concurrent workers, each with its own database connection and AMQP
     /// channel; partitions are spread over them. Defaults to 4.
@@ -63,7 +63,7 @@ impl Default for RelayConfig {
             amqp_url: String::new(),
             schema: "public".into(),
             batch_size: 500,
-            batch_bytes: 8 * 1024 * 1024,
+            batch_bytes: 1024 * 1024,
             workers: 4,
             poll_interval: Duration::from_secs(1),
             listen: true,

@@ -119,7 +119,7 @@ struct RunArgs {
     batch_size: u32,
     /// Payload bytes per worker's batch (a larger row goes alone); the
     /// relay's memory is about workers × this.
-    #[arg(long, env = "OUTBOX_RELAY_BATCH_BYTES", default_value_t = 8 * 1024 * 1024)]
+    #[arg(long, env = "OUTBOX_RELAY_BATCH_BYTES", default_value_t = 1024 * 1024)]
     batch_bytes: u64,
     /// Concurrent workers, each with its own database connection and channel.
     #[arg(long, env = "OUTBOX_RELAY_WORKERS", default_value_t = 4)]
