@@ -53,6 +53,9 @@ pub struct ConsumerConfig {
     pub database_url: String,
     /// RabbitMQ URL (`amqp://` or, with the `tls` feature, `amqps://`).
     pub amqp_url: String,
+    /// Certificates for `amqps://`: a CA to trust besides the system's, a
+    /// client certificate. Defaults to none.
+    pub amqp_tls: outbox::AmqpTls,
     /// Schema the migrations installed the inbox tables in. Defaults to `public`.
     pub schema: String,
     /// Partition queues, 1 to 64. 1 (default): one queue, several
@@ -135,6 +138,7 @@ impl std::fmt::Debug for ConsumerConfig {
             .field("name", &self.name)
             .field("database_url", &outbox::redact_url(&self.database_url))
             .field("amqp_url", &outbox::redact_url(&self.amqp_url))
+            .field("amqp_tls", &self.amqp_tls)
             .field("schema", &self.schema)
             .field("partitions", &self.partitions)
             .field("prefetch", &self.prefetch)
@@ -157,6 +161,7 @@ impl ConsumerConfig {
             name: name.to_owned(),
             database_url: database_url.to_owned(),
             amqp_url: amqp_url.to_owned(),
+            amqp_tls: outbox::AmqpTls::default(),
             schema: "public".to_owned(),
             partitions: 1,
             prefetch: 256,
@@ -209,6 +214,24 @@ impl ConsumerConfig {
                 ),
             );
         }
+        // The toolkit names queues and exchanges `<name>.<suffix>`: a name
+        // that ends like one would share another consumer's objects.
+        let taken = [".dead-letters", ".slots", ".unslotted", ".partitions"];
+        let numbered = self
+            .name
+            .rsplit_once('.')
+            .is_some_and(|(_, tail)| !tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit()));
+        if numbered || taken.iter().any(|suffix| self.name.ends_with(suffix)) {
+            return bad(
+                "name",
+                format!(
+                    "{:?} ends like the toolkit's own queue names (.<number>, {}): it would \
+                     share another consumer's queues",
+                    self.name,
+                    taken.join(", ")
+                ),
+            );
+        }
         for (field, url, schemes) in [
             (
                 "database_url",
@@ -228,6 +251,15 @@ impl ConsumerConfig {
                 );
             }
         }
+        if self.amqp_url.starts_with("amqps://") && !cfg!(feature = "tls") {
+            return bad(
+                "amqp_url",
+                "amqps:// needs the consumer built with the `tls` feature (else the \
+                 credentials would go in clear)"
+                    .into(),
+            );
+        }
+        self.amqp_tls.validate().or_else(|e| bad("amqp_tls", e))?;
         if self.partitions == 0 || self.partitions > outbox::wire::SLOTS {
             return bad(
                 "partitions",
@@ -367,6 +399,21 @@ mod tests {
     }
 
     #[test]
+    fn an_amqps_url_is_taken_only_by_a_build_that_speaks_tls() {
+        let mut c = config();
+        c.amqp_url = "amqps://g:pw@mq/%2f".into();
+        let result = c.validate();
+        if cfg!(feature = "tls") {
+            result.unwrap();
+        } else {
+            // Never a plain connection in its place.
+            let e = result.unwrap_err().to_string();
+            assert!(e.contains("amqp_url") && e.contains("`tls` feature"), "{e}");
+            assert!(!e.contains("pw"), "{e}");
+        }
+    }
+
+    #[test]
     fn bad_fields_are_named_and_secrets_kept_out() {
         let mut c = config();
         c.name = "bill ing".into();
@@ -378,6 +425,22 @@ mod tests {
         let mut c = config();
         c.lanes = 0;
         assert!(c.validate().unwrap_err().to_string().contains("lanes"));
+        for taken in [
+            "x.dead-letters",
+            "billing.slots",
+            "billing.3",
+            "a.unslotted",
+        ] {
+            let mut c = config();
+            c.name = taken.into();
+            assert!(
+                c.validate().unwrap_err().to_string().contains("name"),
+                "{taken}"
+            );
+        }
+        let mut c = config();
+        c.name = "billing.v2".into();
+        c.validate().unwrap();
         let debug = format!("{:?}", config());
         assert!(
             !debug.contains("secret") && !debug.contains("pw"),

@@ -67,6 +67,7 @@
 
 mod batch;
 pub mod config;
+mod connect;
 pub mod consumer;
 pub mod dead_letter;
 pub mod envelope;

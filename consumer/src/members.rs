@@ -152,8 +152,12 @@ impl Member {
 
     /// Connects, takes the lock and records this instance.
     fn join(&mut self, database_url: &str) -> Result<PgConnection, Box<dyn std::error::Error>> {
-        let mut conn = PgConnection::establish(database_url)
-            .map_err(|e| format!("connecting for membership: {e}"))?;
+        let mut conn = PgConnection::establish(database_url).map_err(|e| {
+            format!(
+                "connecting for membership: {}",
+                outbox::redact_secrets(database_url, &e.to_string())
+            )
+        })?;
         // A dead peer must not hold its lock for long: TCP keepalives find
         // a vanished host; a crashed process's socket closes at once.
         conn.batch_execute(
@@ -215,6 +219,14 @@ pub(crate) fn prune(
     retention: Duration,
     batch: i64,
 ) -> diesel::QueryResult<usize> {
+    // Replay records as old as the ids go too (a replay not applied by
+    // then is not coming).
+    diesel::sql_query(format!(
+        r#"DELETE FROM "{schema}".inbox_replays WHERE consumer = $1 AND recorded_at < now() - $2"#
+    ))
+    .bind::<Text, _>(consumer)
+    .bind::<Interval, _>(crate::held::interval(retention))
+    .execute(conn)?;
     // Held ids stay: the held message needs its row to stay a duplicate.
     diesel::sql_query(format!(
         r#"DELETE FROM "{schema}".inbox_messages WHERE ctid = ANY (ARRAY(

@@ -8,13 +8,13 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use diesel::{Connection, PgConnection};
+use diesel::PgConnection;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection as AmqpConnection, ConnectionProperties};
+use lapin::{Channel, Connection as AmqpConnection};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -48,8 +48,6 @@ pub(crate) enum Ended {
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How often drained-looking retiring queues are checked.
 const RETIRE_INTERVAL: Duration = Duration::from_secs(2);
-/// How long connecting may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an ack or a close may take: the client may never answer on a
 /// connection that died, and nothing may wait on it for long.
 pub(crate) const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -60,21 +58,14 @@ pub(crate) async fn quietly<T>(call: impl std::future::Future<Output = T>) {
     let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, call).await;
 }
 
-/// Connects to the broker, naming the connection after the consumer.
+/// Connects to the broker, naming the connection after the consumer and
+/// the instance.
 pub(crate) async fn connect(shared: &Shared) -> Result<AmqpConnection> {
-    let url = &shared.config.amqp_url;
-    let properties = ConnectionProperties::default().with_connection_name(
-        format!("consumer {} {}", shared.config.name, shared.instance).into(),
-    );
-    let connect_error = |cause: String| Error::Connect {
-        what: "broker",
-        url: outbox::redact_url(url),
-        cause,
-    };
-    tokio::time::timeout(CONNECT_TIMEOUT, AmqpConnection::connect(url, properties))
-        .await
-        .map_err(|_| connect_error(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-        .map_err(|e| connect_error(e.to_string()))
+    crate::connect::broker(
+        &shared.config,
+        format!("consumer {} {}", shared.config.name, shared.instance),
+    )
+    .await
 }
 
 fn broker(operation: &'static str) -> impl Fn(lapin::Error) -> Error {
@@ -400,7 +391,7 @@ async fn forget_retired(shared: &Arc<Shared>, queue: &str) {
     let queue = queue.to_owned();
     let done = tokio::task::spawn_blocking(move || {
         let config = &task_shared.config;
-        let mut conn = PgConnection::establish(&config.database_url).map_err(|e| e.to_string())?;
+        let mut conn = crate::connect::database(config).map_err(|e| e.to_string())?;
         topology::retired(&mut conn, &config.schema, &config.name, &queue)
             .map_err(|e| e.to_string())
     })
@@ -436,7 +427,7 @@ async fn sweep(shared: Arc<Shared>, out: mpsc::Sender<Vec<Item>>, stop: Cancella
             let config = &task_shared.config;
             let mut c = match taken {
                 Some(c) => c,
-                None => PgConnection::establish(&config.database_url).map_err(|e| e.to_string())?,
+                None => crate::connect::database(config).map_err(|e| e.to_string())?,
             };
             let rows = task_shared
                 .inbox

@@ -42,35 +42,43 @@
 //! - [`enqueue`](mod@enqueue): [`Outbox`], writing messages in the caller's transaction.
 //! - [`migrate`](mod@migrate): the embedded SQL migrations and their ledger.
 //! - [`retry`]: [`RetryPolicy`], the backoff the relay and the consumer share.
+//! - [`amqp_tls`]: [`AmqpTls`], the certificates of `amqps://` connections.
 //! - `config`, `error`: [`Config`] and [`Error`].
 //! - [`wire`]: the header names and rules the relay and the consumer share.
 //! - `validate`, `trace`: field rules, and the W3C trace context of the current span.
 //!
 //! # Features
 //!
-//! - `async`: the `*_async` methods of [`Outbox`] on diesel-async's `AsyncPgConnection`.
+//! - `async`: the `*_async` methods of [`Outbox`] on diesel-async's
+//!   `AsyncPgConnection`, and [`pg_async::connect`], which makes one the way
+//!   libpq would (`sslmode` and all).
+//! - `tls`: TLS for those connections (rustls).
 //! - `trace-context` (default): copy the current `tracing` span's W3C trace
 //!   context (from `tracing-opentelemetry`) into the message headers.
 
+pub mod amqp_tls;
 mod config;
 pub mod enqueue;
 mod error;
 pub mod event;
 pub mod message;
 pub mod migrate;
+#[cfg(feature = "async")]
+pub mod pg_async;
 mod redact;
 pub mod retry;
 mod trace;
 mod validate;
 pub mod wire;
 
+pub use amqp_tls::AmqpTls;
 pub use config::{Config, DEFAULT_MAX_PAYLOAD_BYTES, MAX_PAYLOAD_CEILING};
 pub use enqueue::{Enqueued, Outbox, enqueue, enqueue_batch, enqueue_message};
 pub use error::{Error, Result};
 pub use event::Event;
 pub use message::{Message, MessageBuilder};
 pub use migrate::migrate;
-pub use redact::redact_url;
+pub use redact::{redact_secrets, redact_url};
 pub use retry::RetryPolicy;
 pub use validate::MAX_NAME_BYTES;
 pub use wire::{

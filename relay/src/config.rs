@@ -14,6 +14,9 @@ pub struct RelayConfig {
     /// AMQP URL of RabbitMQ (`amqp://` or, with the `tls` feature,
     /// `amqps://`). Required.
     pub amqp_url: String,
+    /// Certificates for `amqps://`: a CA to trust besides the system's, a
+    /// client certificate. Defaults to none.
+    pub amqp_tls: outbox::AmqpTls,
     /// Schema holding the outbox tables. Defaults to `public`.
     pub schema: String,
     /// Rows read and published per batch (per partition and transaction).
@@ -61,6 +64,7 @@ impl Default for RelayConfig {
         RelayConfig {
             database_url: String::new(),
             amqp_url: String::new(),
+            amqp_tls: outbox::AmqpTls::default(),
             schema: "public".into(),
             batch_size: 500,
             batch_bytes: 1024 * 1024,
@@ -84,6 +88,7 @@ impl std::fmt::Debug for RelayConfig {
         f.debug_struct("RelayConfig")
             .field("database_url", &redact_url(&self.database_url))
             .field("amqp_url", &redact_url(&self.amqp_url))
+            .field("amqp_tls", &self.amqp_tls)
             .field("schema", &self.schema)
             .field("batch_size", &self.batch_size)
             .field("batch_bytes", &self.batch_bytes)
@@ -142,6 +147,10 @@ impl RelayConfig {
                 "amqps:// needs the relay built with the `tls` feature".into(),
             );
         }
+        self.amqp_tls.validate().or_else(|e| bad("amqp_tls", e))?;
+        if let Err(e) = outbox::pg_async::tls_settings(&self.database_url) {
+            return bad("database_url", e);
+        }
         outbox::Config {
             schema: self.schema.clone(),
             ..outbox::Config::default()
@@ -198,6 +207,22 @@ mod tests {
             database_url: "postgres://u:secret@db/x".into(),
             amqp_url: "amqp://guest:guest@localhost:5672/%2f".into(),
             ..RelayConfig::default()
+        }
+    }
+
+    #[test]
+    fn an_amqps_url_is_taken_only_by_a_build_that_speaks_tls() {
+        let config = RelayConfig {
+            amqp_url: "amqps://g:pw@mq/%2f".into(),
+            ..valid()
+        };
+        let result = config.validate();
+        if cfg!(feature = "tls") {
+            result.unwrap();
+        } else {
+            // Never a plain connection in its place.
+            let e = result.unwrap_err().to_string();
+            assert!(e.contains("`tls` feature") && !e.contains("pw"), "{e}");
         }
     }
 

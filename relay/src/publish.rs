@@ -50,23 +50,27 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Publisher {
     /// Connects and opens a confirm-mode channel. `name` shows in the
-    /// broker's connection list.
-    pub(crate) async fn connect(url: &str, name: &str, app_id: Option<String>) -> Result<Self> {
+    /// broker's connection list; `tls` applies to `amqps://` URLs.
+    pub(crate) async fn connect(
+        url: &str,
+        name: &str,
+        app_id: Option<String>,
+        tls: &outbox::AmqpTls,
+    ) -> Result<Self> {
         let connect_error = |e: lapin::Error| Error::Connect {
             what: "broker",
             url: crate::redact_url(url),
-            cause: e.to_string(),
+            cause: outbox::redact_secrets(url, &e.to_string()),
         };
         let properties = ConnectionProperties::default().with_connection_name(name.into());
-        let connection =
-            tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties))
-                .await
-                .map_err(|_| Error::Connect {
-                    what: "broker",
-                    url: crate::redact_url(url),
-                    cause: format!("no answer within {CONNECT_TIMEOUT:?}"),
-                })?
-                .map_err(connect_error)?;
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, amqp_connect(url, properties, tls))
+            .await
+            .map_err(|_| Error::Connect {
+                what: "broker",
+                url: crate::redact_url(url),
+                cause: format!("no answer within {CONNECT_TIMEOUT:?}"),
+            })?
+            .map_err(connect_error)?;
         let channel = connection.create_channel().await.map_err(connect_error)?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -312,6 +316,29 @@ fn returned_reason(r: &lapin::message::BasicReturnMessage) -> String {
         r.exchange.as_str(),
         r.routing_key.as_str()
     )
+}
+
+/// Connects to the broker with the TLS material of `tls` (for `amqps://`).
+pub(crate) async fn amqp_connect(
+    url: &str,
+    properties: ConnectionProperties,
+    tls: &outbox::AmqpTls,
+) -> lapin::Result<Connection> {
+    let pem = tls
+        .load()
+        .map_err(|e| lapin::Error::from(std::io::Error::other(e)))?;
+    let config = lapin::tcp::OwnedTLSConfig {
+        cert_chain: pem.ca,
+        identity: pem
+            .client
+            .map(|(pem, key)| lapin::tcp::OwnedIdentity::PKCS8 { pem, key }),
+    };
+    lapin::DefaultConnectionBuilder::new()?
+        .with_uri_str(url.to_owned())
+        .with_properties(properties)
+        .with_tls_config(config)
+        .connect()
+        .await
 }
 
 fn unknown_all(count: usize, reason: &str) -> Vec<Outcome> {

@@ -7,7 +7,7 @@ use diesel::QueryableByName;
 use diesel::sql_types::{
     Array, BigInt, Bool, Bytea, Double, Integer, Jsonb, Nullable, SmallInt, Text, Timestamptz,
 };
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use crate::{Error, Result};
@@ -534,14 +534,17 @@ impl Store {
 }
 
 /// Connects to the database; the error shows the URL without its password.
+///
+/// TLS follows the URL's `sslmode` as libpq would ([`outbox::pg_async`]).
+/// The cause never quotes the password.
 pub async fn connect(url: &str) -> Result<AsyncPgConnection> {
     let timeout = crate::publish::CONNECT_TIMEOUT;
     let error = |cause: String| Error::Connect {
         what: "database",
         url: crate::redact_url(url),
-        cause,
+        cause: outbox::redact_secrets(url, &cause),
     };
-    tokio::time::timeout(timeout, AsyncPgConnection::establish(url))
+    tokio::time::timeout(timeout, outbox::pg_async::connect(url))
         .await
         .map_err(|_| error(format!("no answer within {timeout:?}")))?
         .map_err(|e| error(e.to_string()))

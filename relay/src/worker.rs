@@ -118,7 +118,14 @@ pub(crate) async fn run(index: usize, partitions: Vec<i16>, wake: Arc<Wake>, sha
             if let Some(old) = publisher.take() {
                 old.close().await;
             }
-            match Publisher::connect(&config.amqp_url, &name, config.app_id.clone()).await {
+            match Publisher::connect(
+                &config.amqp_url,
+                &name,
+                config.app_id.clone(),
+                &config.amqp_tls,
+            )
+            .await
+            {
                 Ok(p) => publisher = Some(p),
                 Err(e) => warn!(worker = index, error = %e, "broker unavailable; retrying"),
             }

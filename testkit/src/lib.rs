@@ -8,6 +8,7 @@
 
 pub mod amqp;
 pub mod proxy;
+pub mod tls;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};

@@ -32,6 +32,9 @@ pub struct Proxy {
 struct State {
     /// Bytes forwarded client → server, over every connection.
     client_bytes: AtomicU64,
+    /// The first [`CAPTURE_LIMIT`] bytes clients sent, over every
+    /// connection in the order forwarded (to show what crossed the wire).
+    captured: Mutex<Vec<u8>>,
     /// Connections accepted so far.
     accepted: AtomicU64,
     /// Connections closed by a `cut_next_after` limit.
@@ -45,7 +48,19 @@ struct State {
     closed: AtomicBool,
 }
 
+/// How much of what clients send a proxy keeps for [`Proxy::client_sent`].
+pub const CAPTURE_LIMIT: usize = 1 << 20;
+
 impl State {
+    /// Counts and keeps (up to the limit) bytes a client sent.
+    fn sent(&self, bytes: &[u8]) {
+        self.client_bytes
+            .fetch_add(bytes.len() as u64, Ordering::SeqCst);
+        let mut captured = self.captured.lock().unwrap_or_else(PoisonError::into_inner);
+        let room = CAPTURE_LIMIT.saturating_sub(captured.len());
+        captured.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
     fn open(&self) -> std::sync::MutexGuard<'_, Vec<AbortHandle>> {
         // A test that panicked mid-way must not make the others' cleanup panic.
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
@@ -115,6 +130,17 @@ impl Proxy {
         self.state.client_bytes.load(Ordering::SeqCst)
     }
 
+    /// What clients sent through the proxy so far, as it crossed the wire
+    /// (the first [`CAPTURE_LIMIT`] bytes, all connections one after
+    /// another): to show whether a secret travelled in clear.
+    pub fn client_sent(&self) -> Vec<u8> {
+        self.state
+            .captured
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.state.accepted.load(Ordering::SeqCst)
@@ -143,6 +169,12 @@ impl Drop for Proxy {
         self.accept.abort();
         self.cut_all();
     }
+}
+
+/// Whether `needle` occurs in `haystack` (say, a secret in what a client
+/// sent, [`Proxy::client_sent`]).
+pub fn holds(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The `host:port` a URL points at (what [`Proxy::start`] takes), with
@@ -230,7 +262,7 @@ async fn forward(client: TcpStream, target: String, limit: Option<u64>, state: A
     let _ = server.set_nodelay(true);
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
-    let up = pump(client_read, server_write, limit, Some(&state.client_bytes));
+    let up = pump(client_read, server_write, limit, Some(&state));
     let down = pump(server_read, client_write, None, None);
     // try_join ends (dropping the other direction's halves) at the first
     // Stop; an orderly end of one direction lets the other finish.
@@ -240,12 +272,13 @@ async fn forward(client: TcpStream, target: String, limit: Option<u64>, state: A
 }
 
 /// Copies `from` to `to` until end of stream (then shuts `to`'s write side,
-/// as the sender did), or until `limit` bytes went through.
+/// as the sender did), or until `limit` bytes went through; what went is
+/// told to `counter` (the client's direction only).
 async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     limit: Option<u64>,
-    counter: Option<&AtomicU64>,
+    counter: Option<&State>,
 ) -> Result<(), Stop> {
     let mut left = limit;
     let mut buf = vec![0u8; 16 * 1024];
@@ -261,7 +294,7 @@ async fn pump(
         };
         to.write_all(&buf[..send]).await.map_err(|_| Stop::Failed)?;
         if let Some(counter) = counter {
-            counter.fetch_add(send as u64, Ordering::SeqCst);
+            counter.sent(&buf[..send]);
         }
         if let Some(left) = &mut left {
             *left -= send as u64;
@@ -332,6 +365,11 @@ mod tests {
         assert_eq!(read_all(&mut whole).await, b"hello world", "untouched");
         assert_eq!(received.recv().await.unwrap(), b"hello world");
         assert_eq!(proxy.client_bytes(), 16);
+        assert_eq!(
+            proxy.client_sent(),
+            b"hellohello world",
+            "what crossed, in order"
+        );
         assert_eq!(proxy.connections(), 2);
         assert_eq!(proxy.cuts(), 1);
 
