@@ -179,8 +179,8 @@ impl MessageBuilder {
     /// `A-Z a-z 0-9 _ . : -` or starting with `amq.`; a routing key that is
     /// not dot-separated words of `A-Z a-z 0-9 _ : -`; an event type that is
     /// empty or has control characters; a version of 0; an ordering key that
-    /// is empty; a header name that is empty or reserved
-    /// (`x-ordering-key`, `x-key-seq`, `x-event-version`); any name over 255
+    /// is empty; a header name that is empty or reserved (every name the
+    /// toolkit sets or interprets: see [`crate::wire::is_reserved`]); any name over 255
     /// bytes. [`Error::Serialize`] when the payload does not serialize or
     /// raw bytes are not JSON; [`Error::Invalid`] for a missing payload.
     pub fn build(self) -> Result<Message> {

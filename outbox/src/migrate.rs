@@ -50,6 +50,12 @@ pub const MIGRATIONS: &[Migration] = &[
         up: include_str!("../../migrations/00004_poison_guards/up.sql"),
         down: include_str!("../../migrations/00004_poison_guards/down.sql"),
     },
+    Migration {
+        version: 5,
+        name: "security",
+        up: include_str!("../../migrations/00005_security/up.sql"),
+        down: include_str!("../../migrations/00005_security/down.sql"),
+    },
 ];
 
 #[derive(QueryableByName)]

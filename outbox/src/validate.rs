@@ -103,7 +103,7 @@ pub(crate) fn header_name(value: &str) -> Result<()> {
         return Err(Error::invalid(
             "header name",
             value,
-            "reserved, the relay sets it",
+            "reserved: the toolkit sets and interprets it (see outbox::wire::is_reserved)",
         ));
     }
     Ok(())

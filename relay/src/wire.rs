@@ -53,6 +53,15 @@ pub fn properties(
     match &user {
         Value::Object(map) => {
             for (name, value) in map {
+                // Rows written before migration 00005 (or by hand without
+                // the enqueue function) may carry names the toolkit sets
+                // or interprets; publishing them would let a producer
+                // forge a slot, an order or a replay. The relay's own
+                // values replace them below.
+                if outbox::wire::is_reserved(name) {
+                    tracing::warn!(message_id = %row.id, header = %name, "stripped a reserved header name the producer set");
+                    continue;
+                }
                 headers.insert(short(name)?, to_amqp(value)?);
             }
         }
@@ -196,6 +205,29 @@ mod tests {
             ),
             key_prev_any: None,
         }
+    }
+
+    #[test]
+    fn reserved_names_a_producer_wrote_are_stripped() {
+        let mut forged = row();
+        forged.ordering_key = None;
+        forged.key_seq = None;
+        forged.headers = r#"{"tenant": "acme", "X-Dead-Letter-Replay": true,
+            "x-original-exchange": "payment", "outbox-slot-9": true, "x-key-seq": 99}"#
+            .into();
+        let p = properties(&forged, None, MAX).unwrap();
+        let h = p.headers().as_ref().unwrap().inner();
+        assert_eq!(h.get("tenant"), Some(&AMQPValue::LongString("acme".into())));
+        for name in ["X-Dead-Letter-Replay", "x-original-exchange", "x-key-seq"] {
+            assert!(!h.contains_key(name), "{name} reached the wire");
+        }
+        let slot = outbox::wire::slot_header(outbox::wire::slot(&forged.id.to_string()));
+        let slots: Vec<_> = h
+            .keys()
+            .filter(|k| k.as_str().starts_with("outbox-slot-"))
+            .collect();
+        assert_eq!(slots.len(), 1, "only the relay's own slot: {slots:?}");
+        assert_eq!(slots[0].as_str(), slot);
     }
 
     #[test]
