@@ -499,8 +499,7 @@ async fn prune_loop(shared: Arc<Shared>, stop: CancellationToken) {
         let task_shared = Arc::clone(&shared);
         let pruned = tokio::task::spawn_blocking(move || {
             let config = &task_shared.config;
-            let mut conn =
-                PgConnection::establish(&config.database_url).map_err(|e| e.to_string())?;
+            let mut conn = crate::connect::database(config).map_err(|e| e.to_string())?;
             let mut total = 0;
             loop {
                 let n = members::prune(

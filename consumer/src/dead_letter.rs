@@ -6,12 +6,11 @@ use std::time::{Duration, SystemTime};
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation};
 
 use crate::config::ConsumerConfig;
 use crate::envelope::REPLAY_HEADER;
 use crate::{Error, Result};
-use diesel::Connection as _;
 
 /// Header: why the message was dead-lettered.
 pub const REASON_HEADER: &str = "x-dead-letter-reason";
@@ -29,6 +28,7 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A message on its way to the dead-letter queue.
 pub(crate) struct DeadLetter<'a> {
+    /// Where it was first published (a replay's recorded place).
     pub(crate) exchange: &'a str,
     pub(crate) routing_key: &'a str,
     pub(crate) properties: &'a BasicProperties,
@@ -58,11 +58,11 @@ pub(crate) async fn publish(
                 .into()
         })
         .unwrap_or_default();
-    // The original place survives replays of replays.
-    if !headers.inner().contains_key(ORIGINAL_EXCHANGE_HEADER) {
-        headers.insert(ORIGINAL_EXCHANGE_HEADER.into(), text(letter.exchange));
-        headers.insert(ORIGINAL_ROUTING_KEY_HEADER.into(), text(letter.routing_key));
-    }
+    // Always the place the consumer vouches for (the caller passes an
+    // honoured replay's recorded place, so it survives replays of replays):
+    // headers a producer wrote must not choose where a replay goes.
+    headers.insert(ORIGINAL_EXCHANGE_HEADER.into(), text(letter.exchange));
+    headers.insert(ORIGINAL_ROUTING_KEY_HEADER.into(), text(letter.routing_key));
     headers.insert(REASON_HEADER.into(), text(letter.reason));
     headers.insert(
         ATTEMPTS_HEADER.into(),
@@ -144,24 +144,27 @@ fn text(s: &str) -> AMQPValue {
 pub async fn replay_dead_letters(config: &ConsumerConfig, limit: usize) -> Result<usize> {
     config.validate()?;
     // The recorded partition count (another instance may have changed it).
-    let partitions = {
+    // The recorded partition count (another instance may have changed it),
+    // and a connection to record each replay on before it is published.
+    let inbox = crate::inbox::Inbox::new(&config.name, &config.schema)?;
+    let (mut db, recorded) = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = diesel::PgConnection::establish(&config.database_url).ok()?;
-            crate::topology::read(&mut conn, &config.schema, &config.name).ok()?
+            let mut conn = crate::connect::database(&config)?;
+            let recorded = crate::topology::read(&mut conn, &config.schema, &config.name).map_err(
+                |cause| Error::Database {
+                    operation: "reading the topology",
+                    cause,
+                },
+            )?;
+            Ok::<_, Error>((conn, recorded))
         })
         .await
-        .ok()
-        .flatten()
-        .map_or(config.partitions, |t| t.partitions)
+        .map_err(|e| Error::Handler(format!("replay setup panicked: {e}")))??
     };
-    let connection = Connection::connect(&config.amqp_url, ConnectionProperties::default())
-        .await
-        .map_err(|e| Error::Connect {
-            what: "broker",
-            url: outbox::redact_url(&config.amqp_url),
-            cause: e.to_string(),
-        })?;
+    let partitions = recorded.map_or(config.partitions, |t| t.partitions);
+    let connection =
+        crate::connect::broker(config, format!("consumer {} replay", config.name)).await?;
     let broker = |cause: lapin::Error| Error::Broker {
         operation: "replaying dead letters",
         cause: cause.to_string(),
@@ -186,6 +189,29 @@ pub async fn replay_dead_letters(config: &ConsumerConfig, limit: usize) -> Resul
         let delivery = message.delivery;
         let mut headers: FieldTable = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(REPLAY_HEADER.into(), AMQPValue::Boolean(true));
+        // Recorded first: the consumer honours a replay only if it is.
+        let original = |name: &str| match headers.inner().get(name) {
+            Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+            _ => String::new(),
+        };
+        let (exchange, routing_key) = (
+            original(ORIGINAL_EXCHANGE_HEADER),
+            original(ORIGINAL_ROUTING_KEY_HEADER),
+        );
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .and_then(|id| uuid::Uuid::parse_str(id.as_str()).ok());
+        if let Some(message_id) = message_id {
+            let inbox = inbox.clone();
+            db = tokio::task::spawn_blocking(move || {
+                inbox.record_replay(&mut db, message_id, &exchange, &routing_key)?;
+                Ok::<_, Error>(db)
+            })
+            .await
+            .map_err(|e| Error::Handler(format!("recording a replay panicked: {e}")))??;
+        }
         // Straight into the queue of its slot (the first one for a message
         // without a slot), through the default exchange.
         let slot = headers

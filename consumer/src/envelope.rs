@@ -10,7 +10,9 @@ use outbox::wire::{
 };
 use uuid::Uuid;
 
-/// Header set on a replayed dead letter: apply it whatever its key's position.
+/// Header the replay tool sets on a dead letter it puts back. The consumer
+/// honours it only for a message that came straight into its queue and that
+/// the tool recorded in `inbox_replays` (a producer cannot forge one).
 pub const REPLAY_HEADER: &str = "x-dead-letter-replay";
 
 /// Everything about a message but its body.
@@ -38,7 +40,9 @@ pub struct Meta {
     pub redelivered: bool,
     /// Attempt number of this handling in this process, from 1.
     pub attempt: u32,
-    /// Whether it is a replayed dead letter.
+    /// Whether it is a replayed dead letter (one the replay tool recorded;
+    /// the exchange and routing key are then those it was first published
+    /// with).
     pub replayed: bool,
     headers: FieldTable,
 }
@@ -56,6 +60,12 @@ impl Meta {
             AMQPValue::ShortString(s) => Some(s.as_str()),
             _ => None,
         }
+    }
+
+    /// Whether the message asks to be taken as a replay (the header is
+    /// set). Asking is not enough: see [`REPLAY_HEADER`].
+    pub(crate) fn asks_replay(&self) -> bool {
+        matches!(self.header(REPLAY_HEADER), Some(AMQPValue::Boolean(true)))
     }
 
     /// The key and its sequence number, as the inbox takes them.
@@ -142,22 +152,9 @@ pub(crate) fn read(
         _ => None,
     };
     let event_version = headers.inner().get(EVENT_VERSION_HEADER).and_then(integer);
-    let replayed = matches!(
-        headers.inner().get(REPLAY_HEADER),
-        Some(AMQPValue::Boolean(true))
-    );
-    // A replayed dead letter arrives straight in our queue: route it by
-    // where it was first published.
-    let original = |name: &str| match headers.inner().get(name) {
-        Some(AMQPValue::LongString(s)) if replayed => {
-            Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-        }
-        _ => None,
-    };
-    let exchange = original(crate::dead_letter::ORIGINAL_EXCHANGE_HEADER)
-        .unwrap_or_else(|| exchange.to_owned());
-    let routing_key = original(crate::dead_letter::ORIGINAL_ROUTING_KEY_HEADER)
-        .unwrap_or_else(|| routing_key.to_owned());
+    // A replay is decided by the lane against `inbox_replays`, never by
+    // the headers alone.
+    let (exchange, routing_key, replayed) = (exchange.to_owned(), routing_key.to_owned(), false);
     Ok(Meta {
         message_id,
         ordering_key,

@@ -613,6 +613,71 @@ impl Inbox {
     }
 }
 
+/// Where a recorded replay was first published.
+#[derive(QueryableByName)]
+pub(crate) struct ReplayRecord {
+    #[diesel(sql_type = Text)]
+    pub(crate) original_exchange: String,
+    #[diesel(sql_type = Text)]
+    pub(crate) original_routing_key: String,
+}
+
+impl Inbox {
+    fn replays_table(&self) -> String {
+        self.keys_table.replace("inbox_keys", "inbox_replays")
+    }
+
+    /// The replay tool's record of `message_id`, if it put it back.
+    pub(crate) fn find_replay(
+        &self,
+        conn: &mut PgConnection,
+        message_id: Uuid,
+    ) -> Result<Option<ReplayRecord>> {
+        let rows: Vec<ReplayRecord> = diesel::sql_query(format!(
+            "SELECT original_exchange, original_routing_key FROM {}
+             WHERE consumer = $1 AND message_id = $2",
+            self.replays_table()
+        ))
+        .bind::<Text, _>(self.consumer.as_str())
+        .bind::<diesel::sql_types::Uuid, _>(message_id)
+        .load(conn)
+        .map_err(|cause| Error::Database {
+            operation: "looking up a replay",
+            cause,
+        })?;
+        Ok(rows.into_iter().next())
+    }
+
+    /// Records that the replay tool puts `message_id` back, first published
+    /// to `exchange` with `routing_key`.
+    pub(crate) fn record_replay(
+        &self,
+        conn: &mut PgConnection,
+        message_id: Uuid,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<()> {
+        diesel::sql_query(format!(
+            "INSERT INTO {} (consumer, message_id, original_exchange, original_routing_key)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (consumer, message_id) DO UPDATE
+             SET original_exchange = EXCLUDED.original_exchange,
+                 original_routing_key = EXCLUDED.original_routing_key, recorded_at = now()",
+            self.replays_table()
+        ))
+        .bind::<Text, _>(self.consumer.as_str())
+        .bind::<diesel::sql_types::Uuid, _>(message_id)
+        .bind::<Text, _>(exchange)
+        .bind::<Text, _>(routing_key)
+        .execute(conn)
+        .map(|_| ())
+        .map_err(|cause| Error::Database {
+            operation: "recording a replay",
+            cause,
+        })
+    }
+}
+
 /// A statement with its parameters, runnable by diesel and diesel-async.
 pub(crate) type Query<'a> =
     diesel::query_builder::BoxedSqlQuery<'a, diesel::pg::Pg, diesel::query_builder::SqlQuery>;

@@ -16,24 +16,6 @@ use crate::{Error, Result};
 pub(crate) type AsyncCall =
     Box<dyn for<'c> FnOnce(&'c mut AsyncPgConnection) -> BoxFuture<'c, HandlerResult> + Send>;
 
-/// Connects a lane's async connection, with the session bounds of the
-/// config.
-pub(crate) async fn connect(config: &crate::ConsumerConfig) -> Result<AsyncPgConnection> {
-    use diesel_async::SimpleAsyncConnection;
-    let failed = |cause: String| Error::Connect {
-        what: "database",
-        url: outbox::redact_url(&config.database_url),
-        cause,
-    };
-    let mut conn = AsyncPgConnection::establish(&config.database_url)
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-    conn.batch_execute(&config.session_settings())
-        .await
-        .map_err(|e| failed(format!("setting the session bounds: {e}")))?;
-    Ok(conn)
-}
-
 /// Whether a handler's transaction ended in a discard, which is recorded
 /// afterwards on the sync path.
 pub(crate) enum AsyncOutcome {

@@ -58,6 +58,10 @@ pub(crate) struct Item {
     gap_expired: bool,
     /// Settle it without moving its key (its sequence number is bogus).
     keep_key: bool,
+    /// Where an honoured replay was first published (from the replay
+    /// tool's record): a dead letter of it must say that place, not the
+    /// queue it was replayed into, nor what its headers claim.
+    replay_of: Option<(String, String)>,
 }
 
 impl Item {
@@ -143,6 +147,7 @@ impl Item {
             attempts: 0,
             gap_expired: false,
             keep_key: false,
+            replay_of: None,
         }
     }
 
@@ -437,7 +442,7 @@ impl Lane {
 
     /// Reads a message and prepares its handler call; settles at once what
     /// needs no inbox transaction (malformed, unknown, undeserializable).
-    async fn prepare(&mut self, item: Item) -> Prepared {
+    async fn prepare(&mut self, mut item: Item) -> Prepared {
         let mut meta = match &item.meta {
             Ok(meta) => meta.clone(),
             Err(bad) => {
@@ -446,6 +451,22 @@ impl Lane {
             }
         };
         meta.attempt = item.attempts + 1;
+        // A replay is honoured only when it came straight into our queue
+        // (the default exchange) and the replay tool recorded it: then it
+        // is routed by where it was first published, and applied whatever
+        // its key's position. Otherwise the header is just a header.
+        if meta.asks_replay() && item.exchange.is_empty() {
+            match self.recorded_replay(meta.message_id).await {
+                Ok(Some(record)) => {
+                    meta.exchange = record.original_exchange;
+                    meta.routing_key = record.original_routing_key;
+                    meta.replayed = true;
+                    item.replay_of = Some((meta.exchange.clone(), meta.routing_key.clone()));
+                }
+                Ok(None) => {}
+                Err(e) => return Prepared::Finished(self.failed_for_now(item, &e)),
+            }
+        }
         let span = tracing::info_span!(
             "consume",
             consumer = %self.shared.config.name,
@@ -494,6 +515,16 @@ impl Lane {
                 span,
             }),
         }
+    }
+
+    /// The replay tool's record of `message_id`.
+    async fn recorded_replay(
+        &mut self,
+        message_id: Uuid,
+    ) -> Result<Option<crate::inbox::ReplayRecord>> {
+        let inbox = self.shared.inbox.clone();
+        self.with_conn(move |conn| inbox.find_replay(conn, message_id))
+            .await
     }
 
     /// Acts on a message's inbox outcome: ack, hold, retry or dead-letter.
@@ -788,7 +819,7 @@ impl Lane {
         };
         let mut conn = match self.async_conn.take() {
             Some(c) => c,
-            None => crate::inbox_async::connect(&self.shared.config).await?,
+            None => crate::connect::async_handler_database(&self.shared.config).await?,
         };
         let inbox = self.shared.inbox.clone();
         let check = ready.order.check();
@@ -829,7 +860,7 @@ impl Lane {
         let (conn, result) = tokio::task::spawn_blocking(move || {
             let mut conn = match conn {
                 Some(conn) => conn,
-                None => match connect(&shared.config) {
+                None => match crate::connect::handler_database(&shared.config) {
                     Ok(conn) => conn,
                     Err(e) => return (None, Err(e)),
                 },
@@ -922,8 +953,14 @@ impl Lane {
             &self.dead_letters,
             &self.shared.config,
             DeadLetter {
-                exchange: &item.exchange,
-                routing_key: &item.routing_key,
+                // Where it was first published: the replay record's place
+                // for an honoured replay, else where it came from (never
+                // what its headers claim).
+                exchange: item.replay_of.as_ref().map_or(&item.exchange, |(x, _)| x),
+                routing_key: item
+                    .replay_of
+                    .as_ref()
+                    .map_or(&item.routing_key, |(_, rk)| rk),
                 properties: &item.properties,
                 body: &item.body,
                 reason: &reason,
@@ -949,21 +986,6 @@ impl Lane {
             self.acks.push(acker.clone());
         }
     }
-}
-
-/// A handler connection, with the session bounds of the config.
-pub(crate) fn connect(config: &crate::ConsumerConfig) -> Result<PgConnection> {
-    use diesel::connection::SimpleConnection;
-    let failed = |cause: String| Error::Connect {
-        what: "database",
-        url: outbox::redact_url(&config.database_url),
-        cause,
-    };
-    let mut conn =
-        PgConnection::establish(&config.database_url).map_err(|e| failed(e.to_string()))?;
-    conn.batch_execute(&config.session_settings())
-        .map_err(|e| failed(format!("setting the session bounds: {e}")))?;
-    Ok(conn)
 }
 
 /// Sends the acks of a batch (all after its commit) side by side. A failed

@@ -352,36 +352,18 @@ async fn a_queue_handed_over_while_its_old_owner_winds_down_keeps_key_order() {
 mod diesel_async_handlers {
     use std::time::Duration;
 
-    use consumer::{Consumer, HandlerError};
-    use diesel::sql_types::{BigInt, Nullable, Text};
-    use diesel_async::RunQueryDsl;
+    use consumer::Consumer;
 
     use crate::common::{self, Harness, Msg, assert_once_and_in_order, spawn, stop, wait_until};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_async_handler_applies_each_message_once_and_in_order_when_delivered_twice() {
         let h = Harness::new("i_async").await;
-        let insert = format!(
-            r#"INSERT INTO "{}".effects (message_id, ordering_key, key_seq)
-               VALUES ($1::uuid, $2, $3)"#,
-            h.schema.name()
-        );
+        let table = h.effects_table();
         let consumer = Consumer::builder(h.config())
             .handle_async::<common::Ev, _>(&h.exchange, "order.*.submitted", move |conn, e| {
-                let insert = insert.clone();
-                Box::pin(async move {
-                    diesel::sql_query(insert)
-                        .bind::<Text, _>(e.meta.message_id.to_string())
-                        .bind::<Nullable<Text>, _>(e.meta.ordering_key)
-                        .bind::<Nullable<BigInt>, _>(e.meta.key_seq)
-                        .execute(conn)
-                        .await
-                        .map(|_| ())
-                        .map_err(|err| HandlerError::Retry {
-                            after: None,
-                            reason: err.to_string(),
-                        })
-                })
+                let table = table.clone();
+                Box::pin(async move { common::record_async(conn, &table, e).await })
             })
             .build()
             .unwrap();

@@ -289,9 +289,7 @@ mod async_handlers {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use consumer::{Consumer, HandlerError};
-    use diesel::sql_types::{BigInt, Nullable, Text};
-    use diesel_async::RunQueryDsl;
+    use consumer::Consumer;
 
     use super::{
         PATTERN, applied, applied_seqs, attempts_of, dead_letters, letter_of, logs, other_keys,
@@ -306,17 +304,13 @@ mod async_handlers {
         let mut config = h.config();
         // One lane: were it lost to the panic, nothing after it would apply.
         config.lanes = 1;
-        let insert = format!(
-            r#"INSERT INTO "{}".effects (message_id, ordering_key, key_seq)
-               VALUES ($1::uuid, $2, $3)"#,
-            h.schema.name()
-        );
+        let table = h.effects_table();
         let attempts: Arc<Mutex<Vec<u32>>> = Arc::default();
         let consumer = Consumer::builder(config)
             .handle_async::<common::Ev, _>(&h.exchange, PATTERN, {
                 let attempts = Arc::clone(&attempts);
                 move |conn, e| {
-                    let insert = insert.clone();
+                    let table = table.clone();
                     let attempts = Arc::clone(&attempts);
                     Box::pin(async move {
                         if e.event.n == -1 {
@@ -326,17 +320,7 @@ mod async_handlers {
                             tokio::task::yield_now().await;
                             panic!("async poison event n = -1");
                         }
-                        diesel::sql_query(insert)
-                            .bind::<Text, _>(e.meta.message_id.to_string())
-                            .bind::<Nullable<Text>, _>(e.meta.ordering_key)
-                            .bind::<Nullable<BigInt>, _>(e.meta.key_seq)
-                            .execute(conn)
-                            .await
-                            .map(|_| ())
-                            .map_err(|err| HandlerError::Retry {
-                                after: None,
-                                reason: err.to_string(),
-                            })
+                        common::record_async(conn, &table, e).await
                     })
                 }
             })

@@ -137,6 +137,11 @@ impl Harness {
         move |conn, e| record(conn, &table, &e)
     }
 
+    /// The table [`Harness::recorder`] writes, for [`record_async`].
+    pub fn effects_table(&self) -> String {
+        format!(r#""{}".effects"#, self.schema.name())
+    }
+
     /// Publishes `msg` to the producer exchange, waiting (up to 10 s) until
     /// the broker routes it: the consumer may still be declaring its queue.
     pub async fn publish(&self, msg: &Msg) {
@@ -305,6 +310,30 @@ pub fn record(conn: &mut PgConnection, table: &str, e: &Envelope<Ev>) -> Handler
     .bind::<Nullable<Text>, _>(e.meta.ordering_key.as_deref())
     .bind::<Nullable<BigInt>, _>(e.meta.key_seq)
     .execute(conn)
+    .map(|_| ())
+    .map_err(|err| HandlerError::Retry {
+        after: None,
+        reason: err.to_string(),
+    })
+}
+
+/// [`record`] on a diesel-async connection, for async handlers.
+#[cfg(feature = "async")]
+pub async fn record_async(
+    conn: &mut diesel_async::AsyncPgConnection,
+    table: &str,
+    e: Envelope<Ev>,
+) -> HandlerResult {
+    diesel_async::RunQueryDsl::execute(
+        diesel::sql_query(format!(
+            "INSERT INTO {table} (message_id, ordering_key, key_seq) VALUES ($1::uuid, $2, $3)"
+        ))
+        .bind::<Text, _>(e.meta.message_id.to_string())
+        .bind::<Nullable<Text>, _>(e.meta.ordering_key)
+        .bind::<Nullable<BigInt>, _>(e.meta.key_seq),
+        conn,
+    )
+    .await
     .map(|_| ())
     .map_err(|err| HandlerError::Retry {
         after: None,
