@@ -3,12 +3,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::outbox_schema;
+use common::{free_port, get, outbox_schema, wait_for_response};
 use testkit::TestSchema;
 
 fn relay_command(schema: &TestSchema) -> Command {
@@ -23,39 +22,6 @@ fn relay_command(schema: &TestSchema) -> Command {
             schema.name(),
         ]);
     command
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// GET `path`; returns the status code and body, or `None` while nothing listens.
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    Some((status, body))
-}
-
-/// Polls `path` until `want` holds of the response, or panics after 30 s.
-fn wait_for_response(port: u16, path: &str, want: impl Fn(u16, &str) -> bool) -> (u16, String) {
-    testkit::wait_for(
-        &format!("{path} to answer as expected"),
-        Duration::from_secs(30),
-        || get(port, path).filter(|(status, body)| want(*status, body)),
-    )
 }
 
 struct Killed(Child);
@@ -93,7 +59,8 @@ fn config_errors_name_the_flag_and_variable_and_hide_secrets() {
     assert_eq!(missing.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&missing.stderr);
     assert!(
-        stderr.contains("`--amqp-url` or `AMQP_URL` must be set"),
+        stderr
+            .contains("`--amqp-url`, `AMQP_URL`, `--amqp-url-file` or `AMQP_URL_FILE` must be set"),
         "{stderr}"
     );
 
@@ -121,10 +88,9 @@ fn config_errors_name_the_flag_and_variable_and_hide_secrets() {
         .output()
         .unwrap();
     assert_eq!(no_database.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&no_database.stderr)
-            .contains("`--database-url` or `DATABASE_URL` must be set")
-    );
+    assert!(String::from_utf8_lossy(&no_database.stderr).contains(
+        "`--database-url`, `DATABASE_URL`, `--database-url-file` or `DATABASE_URL_FILE` must be set"
+    ));
 
     let bad_duration = relay_command(&schema)
         .args(["run", "--amqp-url", "amqp://x", "--poll-interval", "often"])

@@ -24,9 +24,20 @@ use tracing::{error, info};
 #[derive(Parser, Debug)]
 #[command(name = "outbox-relay", version)]
 struct Cli {
-    /// PostgreSQL URL of the service's database.
+    /// PostgreSQL URL of the service's database. Prefer the variable or
+    /// `--database-url-file`: a flag's value is visible to every local user
+    /// in `ps`.
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     database_url: Option<String>,
+
+    /// A file holding the PostgreSQL URL (a mounted secret, say).
+    #[arg(
+        long,
+        env = "DATABASE_URL_FILE",
+        global = true,
+        conflicts_with = "database_url"
+    )]
+    database_url_file: Option<std::path::PathBuf>,
 
     /// Schema that holds the outbox tables.
     #[arg(long, env = "OUTBOX_SCHEMA", default_value = "public", global = true)]
@@ -51,7 +62,7 @@ enum LogFormat {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the relay until SIGTERM or SIGINT.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Apply the embedded outbox migrations (idempotent).
     Migrate,
     /// Backlog per partition, age of the oldest pending row, parked count.
@@ -112,8 +123,29 @@ impl SelectArgs {
 #[derive(Args, Debug)]
 struct RunArgs {
     /// AMQP URL of RabbitMQ (amqps:// needs the `tls` build feature).
+    /// Prefer the variable or `--amqp-url-file` (a flag shows in `ps`).
     #[arg(long, env = "AMQP_URL", hide_env_values = true)]
     amqp_url: Option<String>,
+    /// A file holding the AMQP URL.
+    #[arg(long, env = "AMQP_URL_FILE", conflicts_with = "amqp_url")]
+    amqp_url_file: Option<std::path::PathBuf>,
+    /// CA certificates (PEM) to trust for amqps://, besides the system's.
+    #[arg(long, env = "OUTBOX_RELAY_AMQP_CA_FILE")]
+    amqp_ca_file: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) for amqps://, with `--amqp-client-key`.
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_AMQP_CLIENT_CERT",
+        requires = "amqp_client_key"
+    )]
+    amqp_client_cert: Option<std::path::PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_AMQP_CLIENT_KEY",
+        requires = "amqp_client_cert"
+    )]
+    amqp_client_key: Option<std::path::PathBuf>,
     /// Rows per batch (per partition and transaction).
     #[arg(long, env = "OUTBOX_RELAY_BATCH_SIZE", default_value_t = 500)]
     batch_size: u32,
@@ -204,12 +236,21 @@ fn init_logs(format: LogFormat) {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
-    let database_url = cli
-        .database_url
-        .context("`--database-url` or `DATABASE_URL` must be set")?;
+    let database_url = secret(
+        cli.database_url,
+        cli.database_url_file.as_deref(),
+        "`--database-url`, `DATABASE_URL`, `--database-url-file` or `DATABASE_URL_FILE` must be set",
+    )?;
+    // The schema is quoted into SQL: checked before anything runs.
+    outbox::Config {
+        schema: cli.schema.clone(),
+        ..outbox::Config::default()
+    }
+    .validate()
+    .context("`--schema` or `OUTBOX_SCHEMA`")?;
     let store = Store::new(&cli.schema);
     match cli.command {
-        Command::Run(args) => run(database_url, cli.schema, args).await,
+        Command::Run(args) => run(database_url, cli.schema, *args).await,
         Command::Migrate => migrate(&database_url, &cli.schema).await,
         Command::Status { json } => {
             let mut conn = connect(&database_url).await?;
@@ -219,6 +260,37 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let mut conn = connect(&database_url).await?;
             parked(&store, &mut conn, command).await
         }
+    }
+}
+
+/// A secret given directly or in a file (whose trailing newline is not
+/// part of it).
+fn secret(
+    value: Option<String>,
+    file: Option<&std::path::Path>,
+    missing: &'static str,
+) -> anyhow::Result<String> {
+    match (value, file) {
+        (Some(value), _) => Ok(value),
+        (None, Some(path)) => Ok(std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", shown_path(path)))?
+            .trim_end()
+            .to_owned()),
+        (None, None) => anyhow::bail!(missing),
+    }
+}
+
+/// A secret file's path for an error; a URL given where its file belongs
+/// (`DATABASE_URL_FILE=postgres://...`) is shown without its password.
+fn shown_path(path: &std::path::Path) -> String {
+    let shown = path.display().to_string();
+    if shown.contains("://") || shown.contains('@') {
+        format!(
+            "{} (a URL? this takes the path of a file holding one)",
+            redact_url(&shown)
+        )
+    } else {
+        shown
     }
 }
 
@@ -236,8 +308,14 @@ async fn migrate(database_url: &str, schema: &str) -> anyhow::Result<()> {
     // Migrations run on diesel's sync connection; keep them off the runtime.
     let applied = tokio::task::spawn_blocking(move || {
         use diesel::Connection;
-        let mut conn = diesel::PgConnection::establish(&url)
-            .with_context(|| format!("cannot connect to the database at {}", redact_url(&url)))?;
+        // libpq may quote the password (a bad percent-escape, say): redacted.
+        let mut conn = diesel::PgConnection::establish(&url).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot connect to the database at {}: {}",
+                redact_url(&url),
+                outbox::redact_secrets(&url, &e.to_string())
+            )
+        })?;
         outbox.migrate(&mut conn).map_err(anyhow::Error::from)
     })
     .await??;
@@ -250,15 +328,22 @@ async fn migrate(database_url: &str, schema: &str) -> anyhow::Result<()> {
 }
 
 async fn run(database_url: String, schema: String, args: RunArgs) -> anyhow::Result<()> {
-    let amqp_url = args
-        .amqp_url
-        .context("`--amqp-url` or `AMQP_URL` must be set")?;
+    let amqp_url = secret(
+        args.amqp_url,
+        args.amqp_url_file.as_deref(),
+        "`--amqp-url`, `AMQP_URL`, `--amqp-url-file` or `AMQP_URL_FILE` must be set",
+    )?;
     if args.migrate {
         migrate(&database_url, &schema).await?;
     }
     let config = RelayConfig {
         database_url,
         amqp_url,
+        amqp_tls: outbox::AmqpTls {
+            ca_file: args.amqp_ca_file,
+            client_cert_file: args.amqp_client_cert,
+            client_key_file: args.amqp_client_key,
+        },
         schema,
         batch_size: args.batch_size,
         batch_bytes: args.batch_bytes,
@@ -330,6 +415,7 @@ fn flag_hint(error: relay::Error) -> String {
         "cleanup_interval" => ("--cleanup-interval", "OUTBOX_RELAY_CLEANUP_INTERVAL"),
         "batch_bytes" => ("--batch-bytes", "OUTBOX_RELAY_BATCH_BYTES"),
         "http_addr" => ("--http-addr", "OUTBOX_RELAY_HTTP_ADDR"),
+        "amqp_tls" => ("--amqp-client-cert", "OUTBOX_RELAY_AMQP_CLIENT_CERT"),
         _ => return error.to_string(),
     };
     format!("invalid `{flag}` or `{env}`: {reason}")

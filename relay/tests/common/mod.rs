@@ -141,3 +141,38 @@ pub fn assert_per_key_order(received: &[Received], per_key: i64, allow_duplicate
         assert_eq!(*seq, per_key, "key {key} ended at {seq}");
     }
 }
+
+/// A free local port (for a relay's `--http-addr`).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET `path`; returns the status code and body, or `None` while nothing listens.
+pub fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    Some((status, body))
+}
+
+/// Polls `path` until `want` holds of the response, or panics after 30 s.
+pub fn wait_for_response(port: u16, path: &str, want: impl Fn(u16, &str) -> bool) -> (u16, String) {
+    testkit::wait_for(
+        &format!("{path} to answer as expected"),
+        Duration::from_secs(30),
+        || get(port, path).filter(|(status, body)| want(*status, body)),
+    )
+}
