@@ -64,7 +64,8 @@ FROM PUBLIC;
 REVOKE ALL ON TABLE
     :"schema".outbox_settings, :"schema".outbox_keys, :"schema".outbox_messages,
     :"schema".inbox_messages, :"schema".inbox_keys, :"schema".inbox_held,
-    :"schema".inbox_members, :"schema".inbox_topology, :"schema".inbox_replays
+    :"schema".inbox_members, :"schema".inbox_topology, :"schema".inbox_replays,
+    :"schema".outbox_waiting
 FROM :"producer";
 REVOKE ALL ON SEQUENCE :"schema".outbox_messages_seq_seq FROM :"producer";
 REVOKE ALL ON FUNCTION
@@ -81,7 +82,8 @@ FROM :"producer";
 REVOKE ALL ON TABLE
     :"schema".outbox_settings, :"schema".outbox_keys, :"schema".outbox_messages,
     :"schema".inbox_messages, :"schema".inbox_keys, :"schema".inbox_held,
-    :"schema".inbox_members, :"schema".inbox_topology, :"schema".inbox_replays
+    :"schema".inbox_members, :"schema".inbox_topology, :"schema".inbox_replays,
+    :"schema".outbox_waiting
 FROM :"relay";
 REVOKE ALL ON SEQUENCE :"schema".outbox_messages_seq_seq FROM :"relay";
 REVOKE ALL ON FUNCTION
@@ -98,7 +100,8 @@ FROM :"relay";
 REVOKE ALL ON TABLE
     :"schema".outbox_settings, :"schema".outbox_keys, :"schema".outbox_messages,
     :"schema".inbox_messages, :"schema".inbox_keys, :"schema".inbox_held,
-    :"schema".inbox_members, :"schema".inbox_topology, :"schema".inbox_replays
+    :"schema".inbox_members, :"schema".inbox_topology, :"schema".inbox_replays,
+    :"schema".outbox_waiting
 FROM :"consumer";
 REVOKE ALL ON SEQUENCE :"schema".outbox_messages_seq_seq FROM :"consumer";
 REVOKE ALL ON FUNCTION
@@ -132,6 +135,8 @@ TO :"producer";
 -- `SELECT * INTO v_settings FROM outbox_settings`: every column (partition
 -- count, payload limit, notify switch and channel; nothing secret).
 GRANT SELECT ON :"schema".outbox_settings TO :"producer";
+-- Whether a relay worker waits for this partition's NOTIFY (00006).
+GRANT SELECT ON :"schema".outbox_waiting TO :"producer";
 -- The insert of the event: only the columns the function writes, so the
 -- producer cannot set published_at, parked_at, attempts, created_at,
 -- next_attempt_at or last_error (the relay's bookkeeping).
@@ -181,6 +186,9 @@ GRANT EXECUTE ON FUNCTION
 TO :"relay";
 -- The partition count and the NOTIFY channel to LISTEN on.
 GRANT SELECT (partitions, notify_channel) ON :"schema".outbox_settings TO :"relay";
+-- Its workers say when they wait for a NOTIFY (00006); stale rows of dead
+-- relays are deleted.
+GRANT SELECT, INSERT, UPDATE, DELETE ON :"schema".outbox_waiting TO :"relay";
 -- The claim reads every column but last_error, `parked list` reads
 -- last_error: all of them. (The relay has to read the payloads it ships.)
 GRANT SELECT ON :"schema".outbox_messages TO :"relay";

@@ -56,6 +56,12 @@ pub const MIGRATIONS: &[Migration] = &[
         up: include_str!("../../migrations/00005_security/up.sql"),
         down: include_str!("../../migrations/00005_security/down.sql"),
     },
+    Migration {
+        version: 6,
+        name: "wake_when_waiting",
+        up: include_str!("../../migrations/00006_wake_when_waiting/up.sql"),
+        down: include_str!("../../migrations/00006_wake_when_waiting/down.sql"),
+    },
 ];
 
 #[derive(QueryableByName)]

@@ -211,6 +211,13 @@ fn notify_is_sent_on_commit_and_not_on_rollback() {
         .unwrap();
 
     let mut writer = schema.connect();
+    // A relay worker waits on every partition (else nothing is notified).
+    writer
+        .batch_execute(
+            "INSERT INTO outbox_waiting (worker, partitions)
+             SELECT 'test', array_agg(p::smallint) FROM generate_series(0, 63) AS p",
+        )
+        .unwrap();
     let _ = writer.transaction(|conn| {
         outbox.enqueue(conn, &NewsletterSent { issue: 1 })?;
         Err::<(), _>(Error::NotInTransaction)

@@ -71,7 +71,7 @@ const EXISTING_SERVICE: &str = r#"
 fn migrate_installs_into_an_empty_database() {
     let db = TestDatabase::new("mig_empty");
     let mut conn = db.connect();
-    assert_eq!(outbox::migrate(&mut conn).unwrap(), [1, 2, 3, 4, 5]);
+    assert_eq!(outbox::migrate(&mut conn).unwrap(), [1, 2, 3, 4, 5, 6]);
     let catalog = catalog(&mut conn);
     for object in [
         "rel public.outbox_messages r",
@@ -164,7 +164,7 @@ fn revert_restores_the_starting_state() {
     assert_ne!(catalog(&mut conn), before);
     assert_eq!(
         Outbox::default().revert_migrations(&mut conn).unwrap(),
-        [5, 4, 3, 2, 1]
+        [6, 5, 4, 3, 2, 1]
     );
 
     assert_eq!(catalog(&mut conn), before);
@@ -188,7 +188,7 @@ fn migrate_into_a_named_schema_leaves_public_alone_and_enqueue_finds_it() {
     })
     .unwrap();
 
-    assert_eq!(outbox.migrate(&mut conn).unwrap(), [1, 2, 3, 4, 5]);
+    assert_eq!(outbox.migrate(&mut conn).unwrap(), [1, 2, 3, 4, 5, 6]);
 
     let catalog = catalog(&mut conn);
     let ours = our_objects(&catalog);
@@ -229,7 +229,7 @@ fn concurrent_migrations_apply_once() {
     all.sort();
     assert_eq!(
         all,
-        [1, 2, 3, 4, 5],
+        [1, 2, 3, 4, 5, 6],
         "exactly one caller applied each migration"
     );
 }

@@ -33,7 +33,9 @@ pub struct RelayConfig {
     /// (the fallback for NOTIFY, and when retries fall due). Defaults to 1 s.
     pub poll_interval: Duration,
     /// Whether to LISTEN for the enqueue's NOTIFY to wake at once on commit.
-    /// Defaults to true.
+    /// Workers about to sleep then record the partitions they wait on in
+    /// `outbox_waiting`, for which producers notify (with the default
+    /// `outbox_settings.notify_when = 'waiting'`). Defaults to true.
     pub listen: bool,
     /// How long publishing a batch (sending and confirms) may take. After it,
     /// every row of the batch is sent again (the same ids; consumers dedupe),

@@ -312,6 +312,15 @@ async fn gauges(shared: Arc<Shared>, partitions: i16) {
             warn!(error = %e, "cannot check for rows outside the partitions");
             conn = None;
         }
+        // Waiting flags of relays that died without withdrawing them (live
+        // idle workers refresh theirs each poll interval).
+        let stale = shared.config.poll_interval * 10 + Duration::from_secs(30);
+        if let Some(c) = conn.as_mut()
+            && let Err(e) = shared.store.delete_stale_waiting(c, stale).await
+        {
+            warn!(error = %e, "cannot forget the waiting flags of dead relays");
+            conn = None;
+        }
         if let Some(c) = conn.as_mut() {
             match shared.store.totals(c).await {
                 Ok(t) => {

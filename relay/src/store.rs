@@ -204,10 +204,11 @@ impl Store {
 
     /// The settings row, or [`Error::NotMigrated`] when the tables are missing.
     pub async fn settings(&self, conn: &mut AsyncPgConnection) -> Result<Settings> {
-        // The newest migration the relay needs: it adds outbox_relay_claim_v3.
+        // The newest migration the relay needs: 00006 adds outbox_waiting
+        // (00004 added outbox_relay_claim_v3).
         let installed: Flag = diesel::sql_query(
-            "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-                            WHERE n.nspname = $1 AND p.proname = 'outbox_relay_claim_v3') AS flag",
+            "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                            WHERE n.nspname = $1 AND c.relname = 'outbox_waiting') AS flag",
         )
         .bind::<Text, _>(&self.schema)
         .get_result(conn)
@@ -280,6 +281,66 @@ impl Store {
         .await
         .map_err(Error::db("finding partitions with due rows"))?;
         Ok(due.into_iter().map(|d| d.partition).collect())
+    }
+
+    /// Says `worker` is about to wait for a NOTIFY on `partitions`: with
+    /// `outbox_settings.notify_when = 'waiting'`, producers notify only for
+    /// rows of partitions some worker waits on (migration 00006), so a busy
+    /// relay costs their commits no NOTIFY. Refreshes `since`, by which
+    /// rows of relays that died are recognised.
+    pub(crate) async fn set_waiting(
+        &self,
+        conn: &mut AsyncPgConnection,
+        worker: &str,
+        partitions: &[i16],
+    ) -> Result<()> {
+        diesel::sql_query(format!(
+            r#"INSERT INTO "{}".outbox_waiting AS w (worker, partitions) VALUES ($1, $2)
+               ON CONFLICT (worker) DO UPDATE SET partitions = EXCLUDED.partitions, since = now()"#,
+            self.schema
+        ))
+        .bind::<Text, _>(worker)
+        .bind::<Array<SmallInt>, _>(partitions)
+        .execute(conn)
+        .await
+        .map_err(Error::db("saying the worker waits for NOTIFY"))?;
+        Ok(())
+    }
+
+    /// Says `worker` no longer waits (it is busy, or stopping): producers
+    /// stop notifying for its partitions unless another worker waits.
+    pub(crate) async fn clear_waiting(
+        &self,
+        conn: &mut AsyncPgConnection,
+        worker: &str,
+    ) -> Result<()> {
+        diesel::sql_query(format!(
+            r#"DELETE FROM "{}".outbox_waiting WHERE worker = $1"#,
+            self.schema
+        ))
+        .bind::<Text, _>(worker)
+        .execute(conn)
+        .await
+        .map_err(Error::db("saying the worker is busy"))?;
+        Ok(())
+    }
+
+    /// Forgets waiting workers not heard of for `older_than` (their relay
+    /// died without saying so): they would only cost needless NOTIFYs.
+    pub(crate) async fn delete_stale_waiting(
+        &self,
+        conn: &mut AsyncPgConnection,
+        older_than: Duration,
+    ) -> Result<()> {
+        diesel::sql_query(format!(
+            r#"DELETE FROM "{}".outbox_waiting WHERE since < now() - $1 * interval '1 millisecond'"#,
+            self.schema
+        ))
+        .bind::<BigInt, _>(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
+        .execute(conn)
+        .await
+        .map_err(Error::db("forgetting relays that died"))?;
+        Ok(())
     }
 
     /// Records confirmed rows: deleted, or stamped when kept for retention.

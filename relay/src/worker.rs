@@ -98,6 +98,10 @@ pub(crate) async fn run(index: usize, partitions: Vec<i16>, wake: Arc<Wake>, sha
         "outbox-relay {} {} worker {index}",
         config.schema, shared.instance
     );
+    // This worker's row in outbox_waiting, kept while it waits for a NOTIFY
+    // (only when the relay LISTENs), and when it was last written.
+    let waiter = format!("{} {index}", shared.instance);
+    let mut waiting_since: Option<Instant> = None;
 
     while !shared.cancel.is_cancelled() {
         if failed {
@@ -224,6 +228,37 @@ pub(crate) async fn run(index: usize, partitions: Vec<i16>, wake: Arc<Wake>, sha
                 break;
             }
         }
+        if !drop_db && !failed {
+            // Saturated (more to claim at once): it will not sleep for a
+            // while, so producers need not wake it. Waiting again (or each
+            // poll interval while idle, to show it lives): say so, then look
+            // once more, since a row committed before producers could see
+            // the flag sent no NOTIFY.
+            let flagged = if more {
+                match waiting_since.take() {
+                    Some(_) => shared.store.clear_waiting(conn, &waiter).await,
+                    None => Ok(()),
+                }
+            } else if config.listen
+                && waiting_since.is_none_or(|t| t.elapsed() >= config.poll_interval)
+            {
+                if waiting_since.is_none() {
+                    more = true;
+                    wake.rescan.store(true, Ordering::Relaxed);
+                }
+                waiting_since = Some(Instant::now());
+                shared.store.set_waiting(conn, &waiter, &partitions).await
+            } else {
+                Ok(())
+            };
+            if let Err(e) = flagged {
+                warn!(worker = index, error = %e, "cannot record whether the worker waits; reconnecting");
+                // Unknown: write it again once reconnected.
+                waiting_since = None;
+                drop_db = true;
+                failed = true;
+            }
+        }
         if drop_db {
             db = None;
         }
@@ -238,6 +273,12 @@ pub(crate) async fn run(index: usize, partitions: Vec<i16>, wake: Arc<Wake>, sha
     }
     if let Some(p) = publisher {
         p.close().await;
+    }
+    if waiting_since.is_some()
+        && let Some(conn) = db.as_mut()
+        && let Err(e) = shared.store.clear_waiting(conn, &waiter).await
+    {
+        debug!(worker = index, error = %e, "could not withdraw the waiting flag; it goes stale");
     }
     debug!(worker = index, "worker stopped");
 }

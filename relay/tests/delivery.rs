@@ -205,3 +205,57 @@ async fn published_rows_are_kept_for_the_retention_then_cleaned_up() {
     }
     relay.stop().await;
 }
+
+/// `outbox_waiting` as the relay keeps it: (workers waiting, partitions
+/// they cover).
+fn waiting(schema: &testkit::TestSchema) -> (i64, i64) {
+    #[derive(diesel::QueryableByName)]
+    struct W {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        workers: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        partitions: i64,
+    }
+    use diesel::RunQueryDsl;
+    let w: W = diesel::sql_query(
+        "SELECT count(*) AS workers, coalesce(sum(cardinality(partitions)), 0)::bigint AS partitions
+         FROM outbox_waiting",
+    )
+    .get_result(&mut schema.connect())
+    .unwrap();
+    (w.workers, w.partitions)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_relay_is_woken_by_the_notify_it_asked_for_and_withdraws_on_stop() {
+    let (schema, outbox) = outbox_schema("relay_waiting");
+    let topology = TestTopology::new("relay_waiting", "#").await;
+    let mut config = config(&schema);
+    // Only a NOTIFY can bring an event within seconds now.
+    config.poll_interval = Duration::from_secs(60);
+    let relay = start(config);
+    testkit::wait_for(
+        "both workers to say they wait",
+        Duration::from_secs(30),
+        || (waiting(&schema) == (2, 64)).then_some(()),
+    );
+
+    let message = outbox::Message::builder(&topology.exchange, "order.v1.placed", "order.placed")
+        .ordering_key("k")
+        .json(&serde_json::json!({ "n": 1 }))
+        .build()
+        .unwrap();
+    schema
+        .connect()
+        .transaction(|conn| outbox.enqueue_message(conn, &message))
+        .unwrap();
+    let received = topology.receive(1, Duration::from_secs(10)).await;
+    assert_eq!(received.len(), 1, "woken by the NOTIFY, not the 60 s poll");
+
+    relay.stop().await;
+    assert_eq!(
+        waiting(&schema),
+        (0, 0),
+        "a relay that stops no longer waits"
+    );
+}
