@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Ev, Harness, Msg, assert_once_and_in_order, record, spawn, stop, wait_until};
+use common::{Ev, Harness, Msg, assert_once_and_in_order, logs, record, spawn, stop, wait_until};
 use consumer::dead_letter::{ATTEMPTS_HEADER, REASON_HEADER};
 use consumer::{Consumer, Envelope};
 use diesel::sql_types::{BigInt, Text};
@@ -131,23 +131,6 @@ async fn queue_counts(queue: &str) -> (u64, u64) {
     })
     .await
     .unwrap()
-}
-
-/// The consumer's log, in the output of the test that made it (shown when
-/// it fails, or with `--nocapture`).
-fn logs() {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    // The broker returning the first publishes (the queue not yet bound)
-    // is lapin's warning, not the consumer's.
-    let _ = tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_test_writer())
-        .with(
-            tracing_subscriber::filter::Targets::new()
-                .with_target("consumer", tracing::Level::INFO)
-                .with_target("lapin", tracing::Level::ERROR),
-        )
-        .try_init();
 }
 
 #[derive(QueryableByName)]

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::{Ev, Harness, Msg, spawn, stop, wait_until};
+use common::{Ev, Harness, Msg, logs, spawn, stop, wait_until};
 use consumer::dead_letter::{ORIGINAL_EXCHANGE_HEADER, ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER};
 use consumer::envelope::REPLAY_HEADER;
 use consumer::{Consumer, ConsumerConfig, Envelope, HandlerError, HandlerResult};
@@ -280,19 +280,6 @@ fn message_id_of(delivery: &lapin::message::Delivery) -> Option<String> {
         .message_id()
         .as_ref()
         .map(|s| s.as_str().to_owned())
-}
-
-fn logs() {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let _ = tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_test_writer())
-        .with(
-            tracing_subscriber::filter::Targets::new()
-                .with_target("consumer", tracing::Level::INFO)
-                .with_target("lapin", tracing::Level::ERROR),
-        )
-        .try_init();
 }
 
 /// (a) Published to exchange A with replay headers naming exchange B (which

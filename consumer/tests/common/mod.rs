@@ -401,3 +401,20 @@ pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The consumer's log, in the output of the test that made it (shown when
+/// it fails, or with `--nocapture`).
+pub fn logs() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // The broker returning the first publishes (the queue not yet bound)
+    // is lapin's warning, not the consumer's.
+    let _ = tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_test_writer())
+        .with(
+            tracing_subscriber::filter::Targets::new()
+                .with_target("consumer", tracing::Level::INFO)
+                .with_target("lapin", tracing::Level::ERROR),
+        )
+        .try_init();
+}
